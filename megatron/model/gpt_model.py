@@ -1,0 +1,129 @@
+"""Megatron's GPT: embeddings -> transformer (dense and MoE layers) -> tied output layer.
+
+Letters: B batch, S sequence, H hidden, V padded vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.config import GPTConfig
+from megatron.model.embedding import Embedding
+from megatron.model.moe import MoELayer, MoEStats
+from megatron.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class GPTOutput:
+    """logits [B, S, V] (params dtype) only without labels; loss [B, S] fp32 only with labels."""
+
+    logits: Optional[torch.Tensor]
+    loss: Optional[torch.Tensor]
+    moe_aux_loss: torch.Tensor              # fp32 scalar, sum of the MoE layers' aux losses
+    moe_stats: List[MoEStats]               # one per MoE layer, in layer order
+
+
+def check_shapes(config: GPTConfig, input_ids: torch.Tensor,
+                 position_ids: Optional[torch.Tensor] = None,
+                 labels: Optional[torch.Tensor] = None) -> None:
+    """Shape and dtype checks only: never reads tensor values, so never syncs with the device."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got "
+                         f"{input_ids.dtype} {tuple(input_ids.shape)}")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"sequence length {input_ids.shape[1]} (--seq-length) exceeds "
+                         f"--max-position-embeddings {config.max_position_embeddings}")
+    for name, t in (("position_ids", position_ids), ("labels", labels)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+
+
+def validate_inputs(config: GPTConfig, input_ids: torch.Tensor,
+                    position_ids: Optional[torch.Tensor] = None,
+                    labels: Optional[torch.Tensor] = None) -> None:
+    """Shapes plus value ranges (token ids and labels < --padded vocab, positions < max).
+
+    Reading the values costs a host sync on an accelerator, so GPTModel.forward calls this only
+    for CPU inputs; call it explicitly (e.g. on the first batch) to check GPU inputs.
+    """
+    check_shapes(config, input_ids, position_ids, labels)
+    limits = (("input_ids", input_ids, config.padded_vocab_size, "padded vocabulary size"),
+              ("labels", labels, config.padded_vocab_size, "padded vocabulary size"),
+              ("position_ids", position_ids, config.max_position_embeddings,
+               "--max-position-embeddings"))
+    for name, t, limit, what in limits:
+        if t is None or t.numel() == 0:
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{name} must lie in [0, {limit}) ({what}), got range [{lo}, {hi}]")
+
+
+class GPTModel(nn.Module):
+    """GPT language model; the output layer is the word embedding matrix (tied, no bias)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config)
+        self.transformer = Transformer(config)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The [V, H] output-layer weight: the word embedding itself (tied)."""
+        return self.embedding.word_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> GPTOutput:
+        """input_ids [B, S] (position_ids default 0..S-1; labels [B, S] -> per-token loss).
+
+        Shapes are always checked; value ranges only for CPU inputs, since reading them on an
+        accelerator is a host sync per step (call `validate_inputs` yourself there if wanted).
+        """
+        if input_ids.device.type == "cpu":
+            validate_inputs(self.config, input_ids, position_ids, labels)
+        else:
+            check_shapes(self.config, input_ids, position_ids, labels)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
+        x_BSH = self.embedding(input_ids, position_ids)
+        out = self.transformer(x_BSH, input_ids)
+        logits_BSV = F.linear(out.hidden_states, self.output_weight)
+        if labels is None:
+            return GPTOutput(logits_BSV, None, out.aux_loss, out.stats)
+        # Cross-entropy in fp32 whatever the params dtype (Megatron casts logits to float).
+        loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(),
+                                  reduction="none").view_as(labels)
+        return GPTOutput(None, loss_BS, out.aux_loss, out.stats)
+
+    def parameter_counts(self) -> Dict[str, int]:
+        """{"total", "expert", "non_expert"}: expert = MoE-layer parameters except the router."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = sum(_expert_numel(layer.mlp) for layer in self.transformer.layers)
+        return {"total": total, "expert": expert, "non_expert": total - expert}
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """All parameters, or with active_only those one token uses under top-1 routing (each
+        MoE layer's expert parameters divided by its expert count; threshold routing uses more
+        experts per token, see the MoE stats)."""
+        if not active_only:
+            return self.parameter_counts()["total"]
+        counts = self.parameter_counts()
+        per_token = sum(_expert_numel(layer.mlp) // layer.num_experts
+                        for layer in self.transformer.layers)
+        return counts["non_expert"] + per_token
+
+
+def _expert_numel(ffn: nn.Module) -> int:
+    """Parameters of an MoE layer's experts (all but the router weight); 0 for a dense MLP."""
+    if not isinstance(ffn, MoELayer):
+        return 0
+    return sum(p.numel() for name, p in ffn.named_parameters()
+               if name.split(".")[-1] != "gate_weight")

@@ -1,0 +1,102 @@
+"""The MoE layer: route -> dispatch -> experts -> combine.
+
+Letters: T tokens, D hidden, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.config import MoEConfig
+from megatron.model.mlp_gating import RoutingDecision, make_hash_table, route
+from megatron.model.moe.dispatch import combine, dispatch, make_plan
+from megatron.model.moe.experts import Experts
+from megatron.model.moe.stats import MoEStats, compute_stats
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """output: like hidden_states; aux_loss: fp32 scalar (coefficients applied); stats: detached."""
+
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: MoEStats
+
+
+class MoELayer(nn.Module):
+    """A mixture of `num_experts` GeLU MLPs of hidden `config.ffn_hidden_size`, replacing the FFN.
+
+    The router weight `gate_weight` [E, D] is created and applied in fp32 whatever the params
+    dtype (routing decisions are discontinuous in the logits; bf16 logits flip them). Hash
+    routing has no gate: a frozen `hash_table` buffer maps token ids to experts instead.
+    """
+
+    def __init__(self, config: MoEConfig, hidden_size: int, num_experts: int, init_std: float,
+                 output_init_std: float, layer_number: int,
+                 dense_ffn_hidden_size: Optional[int] = None,
+                 params_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.layer_number = layer_number
+        self.dense_ffn_hidden_size = dense_ffn_hidden_size or 4 * hidden_size
+        if config.router == "hash":
+            table = make_hash_table(config.vocab_size, num_experts, config.hash_seed)
+            self.register_buffer("hash_table", table)   # saved with checkpoints; never trained
+            self.gate_weight = None
+        else:
+            self.gate_weight = nn.Parameter(torch.empty(num_experts, hidden_size,
+                                                        dtype=torch.float32))
+            nn.init.normal_(self.gate_weight, mean=0.0, std=init_std)
+            self.hash_table = None
+        self.experts = Experts(num_experts, hidden_size, config.ffn_hidden_size, init_std,
+                               output_init_std, bias=config.expert_bias,
+                               impl=config.expert_impl, params_dtype=params_dtype)
+
+    def router_logits(self, x_TD: torch.Tensor) -> Optional[torch.Tensor]:
+        """fp32 logits [T, E] (None for hash routing); .float() undoes a model-wide cast."""
+        if self.gate_weight is None:
+            return None
+        return F.linear(x_TD.float(), self.gate_weight.float())
+
+    def decide(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> RoutingDecision:
+        """Route the flattened tokens (train or eval capacity follows self.training)."""
+        return route(self.router_logits(x_TD), self.config, self.num_experts,
+                     training=self.training, token_ids_T=token_ids_T,
+                     hash_table_V=self.hash_table)
+
+    def forward(self, hidden_states: torch.Tensor,
+                token_ids: Optional[torch.Tensor] = None) -> MoEOutput:
+        """hidden_states [..., D] (token_ids [...] for hash routing) -> MoEOutput.
+
+        1. route:    fp32 router logits -> RoutingDecision (experts, weights, capacity drops)
+        2. plan:     kept (token, expert) pairs sorted by expert, with group offsets
+                     (exact: one host sync; sync_free: static padded buffer, no sync)
+        3. dispatch: gather each kept pair's token row into expert order
+        4. experts:  per-expert Linear-GeLU-Linear over contiguous groups (grouped GEMM or loop)
+        5. combine:  weighted fp32 scatter-add back to tokens; all-dropped tokens get 0
+        """
+        shape = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, shape[-1])
+        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
+
+        decision = self.decide(x_TD, token_ids_T)
+        plan = make_plan(decision, sync_free=self.config.sync_free)
+        x_PD = dispatch(x_TD, plan)
+        y_PD = self.experts(x_PD, plan.group_offsets_E, valid_P=plan.valid_P,
+                            group_ends=plan.group_ends)
+        out_TD = combine(y_PD, plan, out_dtype=hidden_states.dtype)
+
+        aux_loss = (self.config.aux_loss_coeff * decision.aux_loss.float()
+                    + self.config.z_loss_coeff * decision.z_loss.float())
+        stats = compute_stats(decision, self.layer_number, self.config.topk,
+                              self.config.ffn_hidden_size, self.dense_ffn_hidden_size)
+        return MoEOutput(out_TD.reshape(shape), aux_loss, stats)

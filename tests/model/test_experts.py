@@ -1,0 +1,174 @@
+"""Experts (stacked weights): loop and grouped paths vs a per-row fp32 reference, padding rows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.model.moe.experts import Experts, grouped_mm_available
+
+
+def _cpu_grouped_works(dtype: torch.dtype) -> bool:
+    if not grouped_mm_available():
+        return False
+    try:
+        x = torch.randn(4, 16, dtype=dtype)
+        w = torch.randn(2, 16, 8, dtype=dtype)
+        torch._grouped_mm(x, w, offs=torch.tensor([1, 4], dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+HAS_CUDA = torch.cuda.is_available()
+GROUPED_FP32_CPU = _cpu_grouped_works(torch.float32)
+GROUPED_BF16_CPU = _cpu_grouped_works(torch.bfloat16)
+needs_grouped_fp32 = pytest.mark.skipif(not GROUPED_FP32_CPU,
+                                        reason="torch._grouped_mm does not run fp32 on CPU here")
+
+E, D, FH = 5, 16, 8
+# Group sizes with empty experts first, in the middle and last: 3, 0, 7, 0(…), ...
+SIZES = (0, 3, 0, 7, 0)
+
+
+def _experts(impl: str, bias: bool = True, dtype=torch.float32) -> Experts:
+    torch.manual_seed(0)
+    ex = Experts(E, D, FH, init_std=0.3, output_init_std=0.2, bias=bias, impl=impl,
+                 params_dtype=dtype)
+    if bias:  # non-zero biases so the test sees them (init is 0)
+        with torch.no_grad():
+            ex.b1.normal_(0, 0.1)
+            ex.b2.normal_(0, 0.1)
+    return ex
+
+
+def _offsets(sizes=SIZES) -> torch.Tensor:
+    return torch.cumsum(torch.tensor(sizes), 0).to(torch.int32)
+
+
+def _reference(ex: Experts, x_PD: torch.Tensor, sizes=SIZES) -> torch.Tensor:
+    """Per row: find its expert by walking the sizes, then Linear-GeLU-Linear in fp32."""
+    rows = []
+    experts_of_rows = [e for e, n in enumerate(sizes) for _ in range(n)]
+    for p, e in enumerate(experts_of_rows):
+        h = x_PD[p].float() @ ex.w1[e].float()
+        if ex.b1 is not None:
+            h = h + ex.b1[e].float()
+        y = F.gelu(h) @ ex.w2[e].float()
+        if ex.b2 is not None:
+            y = y + ex.b2[e].float()
+        rows.append(y)
+    pad = x_PD.shape[0] - len(rows)
+    return torch.stack(rows + [x_PD.new_zeros(D, dtype=torch.float32)] * pad)
+
+
+def _params(ex: Experts):
+    return [p for p in (ex.w1, ex.b1, ex.w2, ex.b2) if p is not None]
+
+
+def _check_against_reference(ex: Experts, padding: int, atol: float, rtol: float = 1e-5):
+    P = sum(SIZES)
+    torch.manual_seed(1)
+    x = torch.randn(P + padding, D, dtype=ex.w1.dtype, requires_grad=True)
+    valid = torch.arange(P + padding) < P if padding else None
+    grad_out = torch.randn(P + padding, D, dtype=ex.w1.dtype)
+
+    y = ex(x, _offsets(), valid_P=valid)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    got = torch.autograd.grad((y.float() * grad_out.float()).sum(), [x] + _params(ex))
+    ref_y = _reference(ex, x)
+    want = torch.autograd.grad((ref_y * grad_out.float()).sum(), [x] + _params(ex))
+
+    torch.testing.assert_close(y.float(), ref_y, atol=atol, rtol=rtol)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.float(), r.float(), atol=atol, rtol=rtol)
+    if padding:
+        assert torch.all(y[P:] == 0)
+        assert torch.all(got[0][P:] == 0)
+    # Empty experts are normal: their weights get exactly zero gradient, never None.
+    for e, n in enumerate(SIZES):
+        if n == 0:
+            assert torch.all(got[1][e] == 0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("padding", [0, 6])
+def test_loop_path_matches_reference(bias, padding):
+    _check_against_reference(_experts("loop", bias), padding, atol=1e-5)
+
+
+@needs_grouped_fp32
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("padding", [0, 6])
+def test_grouped_path_matches_reference_fp32_cpu(bias, padding):
+    _check_against_reference(_experts("grouped", bias), padding, atol=1e-5)
+
+
+@pytest.mark.skipif(not GROUPED_BF16_CPU, reason="torch._grouped_mm does not run bf16 on CPU")
+def test_grouped_path_bf16_cpu_close_to_fp32_reference():
+    _check_against_reference(_experts("grouped", True, torch.bfloat16), 4, atol=3e-2, rtol=3e-2)
+
+
+@needs_grouped_fp32
+def test_grouped_equals_loop_fp32():
+    loop, grouped = _experts("loop"), _experts("grouped")
+    x = torch.randn(sum(SIZES), D)
+    torch.testing.assert_close(grouped(x, _offsets()), loop(x, _offsets()), atol=1e-6, rtol=1e-6)
+
+
+@needs_grouped_fp32
+def test_grouped_padding_rows_garbage_stays_out():
+    """NaN in padding rows (as uninitialised grouped_mm rows may hold) reaches nothing."""
+    ex = _experts("grouped")
+    P = sum(SIZES)
+    x = torch.randn(P + 3, D)
+    x[P:] = float("nan")
+    x.requires_grad_(True)
+    valid = torch.arange(P + 3) < P
+    y = ex(x, _offsets(), valid_P=valid)
+    assert torch.isfinite(y).all() and torch.all(y[P:] == 0)
+    y.sum().backward()
+    for t in [x] + _params(ex):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(x.grad[P:] == 0)
+
+
+def test_all_experts_empty():
+    ex = _experts("loop")
+    offsets = torch.zeros(E, dtype=torch.int32)
+    assert ex(torch.randn(0, D), offsets).shape == (0, D)
+    assert torch.all(ex(torch.randn(3, D), offsets, valid_P=torch.zeros(3, dtype=torch.bool)) == 0)
+
+
+def test_init_and_shapes():
+    ex = Experts(8, 64, 32, init_std=0.02, output_init_std=0.005, bias=True)
+    assert ex.w1.shape == (8, 64, 32) and ex.w2.shape == (8, 32, 64)
+    assert ex.b1.shape == (8, 32) and ex.b2.shape == (8, 64)
+    assert abs(ex.w1.std().item() - 0.02) < 0.002 and abs(ex.w2.std().item() - 0.005) < 0.0005
+    assert torch.all(ex.b1 == 0) and torch.all(ex.b2 == 0)
+    assert Experts(2, 4, 4, 0.02, 0.02, bias=False).b1 is None
+    with pytest.raises(ValueError, match="expert_impl"):
+        Experts(2, 4, 4, 0.02, 0.02, impl="fast")
+
+
+def test_auto_uses_loop_on_cpu():
+    assert not _experts("auto").use_grouped(torch.randn(2, D))
+    assert not _experts("loop").use_grouped(torch.randn(2, D))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_grouped_cuda_bf16_matches_loop_fp32():
+    ex = _experts("auto").cuda()
+    x = torch.randn(sum(SIZES), D, device="cuda")
+    assert ex.use_grouped(x)
+    x.requires_grad_(True)
+    valid = torch.arange(x.shape[0] + 4, device="cuda") < x.shape[0]
+    xp = torch.cat([x, torch.full((4, D), float("nan"), device="cuda")])  # padded, sync-free
+    for inp, v in ((x, None), (xp, valid)):
+        y = ex(inp, _offsets().cuda(), valid_P=v)
+        got = torch.autograd.grad(y.sum(), [x] + _params(ex))   # empty experts in backward too
+        ref_y = _reference(ex, inp)
+        want = torch.autograd.grad(ref_y[: x.shape[0]].sum(), [x] + _params(ex))
+        torch.testing.assert_close(y[: x.shape[0]], ref_y[: x.shape[0]], atol=5e-2, rtol=5e-2)
+        assert torch.all(y[x.shape[0]:] == 0)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, atol=5e-2, rtol=5e-2)
