@@ -23,7 +23,7 @@ without updating megatron/model/moe/*):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,20 @@ def gumbel_noise_like(logits_TE: torch.Tensor, generator: Optional[torch.Generat
 
 # ----------------------------------------------------------------------------- capacity
 
+def count_per_expert(experts_TK: torch.Tensor, mask_TK: torch.Tensor,
+                     num_experts: int) -> torch.Tensor:
+    """int64 [E]: pairs of mask_TK per expert, without atomics contending on E bins.
+
+    A token's slots name distinct experts, so adding its flags into a [T, E] grid never hits
+    one cell twice; a column sum then counts. (scatter_add of T * K flags straight into E bins
+    serialises ~T * K / E atomic adds per bin on a GPU.)
+    """
+    grid_TE = torch.zeros(experts_TK.shape[0], num_experts, dtype=torch.int32,
+                          device=experts_TK.device)
+    grid_TE.scatter_add_(1, experts_TK, mask_TK.to(torch.int32))
+    return grid_TE.sum(dim=0, dtype=torch.int64)
+
+
 def apply_capacity(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: torch.Tensor,
                    num_experts: int, capacity: Optional[int]) -> torch.Tensor:
     """Keep at most `capacity` wanted pairs per expert; return the bool mask kept_TK.
@@ -106,39 +120,48 @@ def apply_capacity(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: 
     Priority within an expert: lower choice slot k first (every first choice before any second
     choice), then higher probability, then lower token index. capacity None keeps every wanted
     pair (dropless); capacity 0 keeps none.
+    """
+    return capacity_and_counts(experts_TK, wanted_TK, probs_TK, num_experts, capacity)[0]
 
-    Sync-free: two stable sorts order the flattened pairs by (expert, k, -prob, token); a pair's
-    position inside its expert's block is its sorted index minus the block start (an exclusive
-    cumsum of per-expert counts), and it is kept iff that position is < capacity.
+
+def capacity_and_counts(experts_TK: torch.Tensor, wanted_TK: torch.Tensor,
+                        probs_TK: torch.Tensor, num_experts: int, capacity: Optional[int]
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """apply_capacity's kept_TK, and the kept pairs per expert (int64 [E]).
+
+    Sync-free and atomic-free: ONE stable sort of the flattened pairs (n = t * K + k) on an
+    int64 key ((expert * K + k) << 31) | (2^31 - 1 - bits(prob)), unwanted pairs keyed
+    (E * K) << 31 (after every expert). Non-negative fp32 values order like their IEEE bits
+    read as integers (the sign bit is masked, so -0.0 ties with 0.0), so the key orders by
+    (expert, k, -prob), and stability breaks ties by n, i.e. by lower token index. Binary
+    search of each expert's first key in the sorted keys gives the expert's start; a pair is
+    kept iff its sorted index minus its expert's start is < capacity.
     """
     if capacity is None:
-        return wanted_TK.clone()
+        return wanted_TK.clone(), count_per_expert(experts_TK, wanted_TK, num_experts)
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0 (set by the capacity factors and "
                          f"--moe-min-capacity), got {capacity}")
     num_tokens, num_slots = experts_TK.shape
-    experts_N = experts_TK.reshape(-1)                      # N = T * K, index n = t * K + k
-    wanted_N = wanted_TK.reshape(-1)
-    slot_N = torch.arange(num_slots, device=experts_N.device).repeat(num_tokens)
-    # Unwanted pairs sort into a sentinel group after every expert, so they take no positions.
-    group_N = torch.where(wanted_N, experts_N * num_slots + slot_N, num_experts * num_slots)
+    device = experts_TK.device
+    slot_1K = torch.arange(num_slots, device=device)
+    group_TK = torch.where(wanted_TK, experts_TK * num_slots + slot_1K,
+                           num_experts * num_slots)
+    bits_TK = probs_TK.detach().float().contiguous().view(torch.int32) & 0x7FFFFFFF
+    key_N = ((group_TK << 31) | (0x7FFFFFFF - bits_TK).long()).reshape(-1)
+    sorted_key_N, order_N = torch.sort(key_N, stable=True)
 
-    # Sort 1: probability descending; stable, so ties keep the lower token index first.
-    by_prob_N = torch.sort(probs_TK.reshape(-1).detach(), descending=True, stable=True).indices
-    # Sort 2: (expert, slot) ascending; stable, so each group keeps the order of sort 1.
-    by_group_N = torch.sort(group_N[by_prob_N], stable=True).indices
-    order_N = by_prob_N[by_group_N]
+    # start_E[e] = first sorted index of expert e; start_E[E] = number of wanted pairs.
+    bounds_E = (torch.arange(num_experts + 1, device=device) * num_slots) << 31
+    start_E = torch.searchsorted(sorted_key_N, bounds_E)
+    sorted_expert_N = (sorted_key_N >> 31) // num_slots           # E for unwanted pairs
+    position_N = torch.arange(key_N.numel(), device=device) - start_E[sorted_expert_N]
+    kept_sorted_N = (sorted_expert_N < num_experts) & (position_N < capacity)
 
-    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=experts_N.device)
-    counts_E.scatter_add_(0, experts_N, wanted_N.long())
-    start_E = torch.cumsum(counts_E, dim=0) - counts_E
-    sorted_experts_N = experts_N[order_N]
-    position_N = torch.arange(order_N.numel(), device=order_N.device) - start_E[sorted_experts_N]
-    kept_sorted_N = wanted_N[order_N] & (position_N < capacity)
-
-    kept_N = torch.empty_like(wanted_N)
+    kept_N = torch.empty_like(kept_sorted_N)
     kept_N[order_N] = kept_sorted_N
-    return kept_N.view(num_tokens, num_slots)
+    tokens_per_expert_E = torch.diff(start_E).clamp(max=capacity)
+    return kept_N.view(num_tokens, num_slots), tokens_per_expert_E
 
 
 # ----------------------------------------------------------------------------- routers
@@ -156,9 +179,8 @@ def _decide(logits_TE: torch.Tensor, probs_TE: torch.Tensor, experts_TK: torch.T
     num_experts = probs_TE.shape[1]
     picked_TK = probs_TE.gather(1, experts_TK)                  # keeps autograd to the logits
     probs_TK = picked_TK.detach()
-    kept_TK = apply_capacity(experts_TK, wanted_TK, probs_TK, num_experts, capacity)
-    tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.int64, device=probs_TE.device)
-    tokens_per_expert_E.scatter_add_(0, experts_TK.reshape(-1), kept_TK.reshape(-1).long())
+    kept_TK, tokens_per_expert_E = capacity_and_counts(experts_TK, wanted_TK, probs_TK,
+                                                       num_experts, capacity)
     return RoutingDecision(
         experts_TK=experts_TK,
         weights_TK=torch.where(kept_TK, picked_TK, 0.0),
@@ -277,9 +299,8 @@ def hash_route(token_ids_T: Optional[torch.Tensor], hash_table_V: Optional[torch
     experts_TK = hash_table_V.to(device)[token_ids_T].long().unsqueeze(1)
     ones_TK = torch.ones(experts_TK.shape, dtype=torch.float32, device=device)
     wanted_TK = torch.ones(experts_TK.shape, dtype=torch.bool, device=device)
-    kept_TK = apply_capacity(experts_TK, wanted_TK, ones_TK, num_experts, capacity)
-    tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    tokens_per_expert_E.scatter_add_(0, experts_TK.reshape(-1), kept_TK.reshape(-1).long())
+    kept_TK, tokens_per_expert_E = capacity_and_counts(experts_TK, wanted_TK, ones_TK,
+                                                       num_experts, capacity)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     return RoutingDecision(
         experts_TK=experts_TK, weights_TK=kept_TK.float(), wanted_TK=wanted_TK,

@@ -404,3 +404,57 @@ def test_cuda_grouped_bf16_close_to_cpu_fp32(sync_free):
     torch.testing.assert_close(outs[1].output.cpu(), outs[0].output, atol=3e-2, rtol=3e-2)
     for g_cpu, g_gpu in zip(*grads):
         torch.testing.assert_close(g_gpu.cpu(), g_cpu, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("router", ["threshold", "topk", "hash"])
+@pytest.mark.parametrize("drop_tokens", [True, False])
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_plan_matches_per_expert_reference(router, drop_tokens, sync_free):
+    """Rows: expert-major, token order inside an expert; bags: each token's rows, in slot order."""
+    layer = make_layer(router, drop_tokens, sync_free).eval()
+    x, ids = inputs()
+    d = layer.decide(x.reshape(T, D), ids.reshape(T))
+    plan = make_plan(d, sync_free=sync_free)
+    pairs = [(e, t, k) for t in range(T) for k in range(d.experts_TK.shape[1])
+             for e in [int(d.experts_TK[t, k])] if bool(d.kept_TK[t, k])]
+    pairs.sort(key=lambda p: (p[0], p[1]))                 # expert, then token
+    kept = len(pairs)
+    assert plan.token_idx_P[:kept].tolist() == [t for _, t, _ in pairs]
+    assert plan.weight_P[:kept].tolist() == [float(d.weights_TK[t, k].detach()) for _, t, k in pairs]
+    row_of = {(t, k): p for p, (_, t, k) in enumerate(pairs)}
+    starts = plan.bag_offsets_B.tolist()
+    ends = starts[1:] + [plan.bag_rows_J.numel()]
+    for t in range(T):
+        want = [row_of[(t, k)] for k in range(d.experts_TK.shape[1]) if (t, k) in row_of]
+        assert plan.bag_rows_J[starts[t]:ends[t]].tolist() == want
+    assert starts[T - 1] + sum(1 for p in pairs if p[1] == T - 1) == (ends[T - 1])
+    assert all(s >= kept for s in starts[T:])              # scratch bags hold no kept pair
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_bag_combine_and_dispatch_equal_index_add(sync_free):
+    """The token-bag combine / dispatch backward equal the scatter-add formulation."""
+    import dataclasses
+    from megatron.model.moe.dispatch import combine, dispatch
+    layer = make_layer("threshold", True, sync_free).eval()
+    x, _ = inputs()
+    d = layer.decide(x.reshape(T, D), None)
+    plan = make_plan(d, sync_free=sync_free)
+    plain = dataclasses.replace(plan, bag_rows_J=None, bag_offsets_B=None)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(plan.num_rows, D, generator=g)
+    if plan.valid_P is not None:
+        y = torch.where(plan.valid_P[:, None], y, 0.0)
+    grad_out = torch.randn(T, D, generator=g)
+    results = []
+    for pl in (plan, plain):
+        xx = x.reshape(T, D).clone().requires_grad_(True)
+        yy = y.clone().requires_grad_(True)
+        w = d.weights_TK.detach().clone().requires_grad_(True)
+        pl = dataclasses.replace(pl, weight_P=make_plan(
+            dataclasses.replace(d, weights_TK=w), sync_free=sync_free).weight_P)
+        out = (combine(yy, pl, torch.float32) * grad_out).sum() + \
+            (dispatch(xx, pl) * y).sum()
+        results.append((out,) + torch.autograd.grad(out, [xx, yy, w]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

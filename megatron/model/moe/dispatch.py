@@ -2,9 +2,8 @@
 
 Letters: T tokens, D hidden, E experts, K choice slots per token, P rows of the dispatch buffer.
 
-A `RoutingDecision` says which (token, expert) pairs are kept. `make_plan` sorts the kept pairs by
-expert (stable, so each expert's rows stay in token order) and records where each expert's group
-ends; the experts then run one grouped GEMM over contiguous row groups, so expert compute is
+A `RoutingDecision` says which (token, expert) pairs are kept. `make_plan` orders the kept pairs by
+expert (each expert's rows in token order) and records where each expert's group ends; the experts then run one grouped GEMM over contiguous row groups, so expert compute is
 proportional to kept pairs, never to capacity (unlike the [E, C, D] einsum dispatch of
 Megatron-DeepSpeed / GShard, which computes E * C rows whatever the load).
 
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from megatron.model.mlp_gating import RoutingDecision
 
@@ -40,6 +40,10 @@ class DispatchPlan:
     valid_P:         bool  [P] row holds a kept pair; None when every row does (exact variant)
     group_ends:      host copy of group_offsets_E (exact variant only; None when sync-free)
     num_tokens:      T, the number of rows of the combined output
+    bag_rows_J:      int64 [J] the rows regrouped by token (token-major CSR, one entry per kept
+                     pair): token t's rows are bag_rows_J[bag_offsets_B[t]:bag_offsets_B[t+1]]
+    bag_offsets_B:   int64 [B] bag starts, B >= T; bags past the first T are scratch (the
+                     sync-free padding entries, cut into short bags), read and discarded
     """
 
     token_idx_P: torch.Tensor
@@ -48,10 +52,15 @@ class DispatchPlan:
     valid_P: Optional[torch.Tensor]
     group_ends: Optional[Tuple[int, ...]]
     num_tokens: int
+    bag_rows_J: Optional[torch.Tensor] = None
+    bag_offsets_B: Optional[torch.Tensor] = None
 
     @property
     def num_rows(self) -> int:
         return self.token_idx_P.shape[0]
+
+
+SCRATCH_BAG = 32
 
 
 def dispatch_bound(num_tokens: int, num_slots: int, num_experts: int,
@@ -64,43 +73,83 @@ def dispatch_bound(num_tokens: int, num_slots: int, num_experts: int,
 
 
 def make_plan(decision: RoutingDecision, sync_free: bool) -> DispatchPlan:
-    """Sort the kept pairs of `decision` by expert (tensor ops only, plus one sync if exact)."""
+    """Order the kept pairs of `decision` by expert, then token (tensor ops only, plus one sync
+    if exact).
+
+    No sort: the kept flags are laid out on an [E, T] grid (cell e * T + t; a token's slots
+    name distinct experts, so no cell is hit twice) and ONE inclusive scan over the flattened
+    grid numbers the kept pairs in expert-major, token-minor order: a pair's row is its cell's
+    scan value - 1, and expert e's group ends at the scan value of cell e * T + T - 1. The grid
+    costs O(T * E), like the router's [T, E] probabilities. Rows are then filled by a scatter of
+    pair indices (unique destinations, no atomics contending).
+    """
     experts_TK, kept_TK = decision.experts_TK, decision.kept_TK
     T, K = experts_TK.shape
     E = decision.tokens_per_expert_E.shape[0]
-    # Sort key: the expert id for kept pairs, E (sorts last) for dropped or unwanted ones. The
-    # stable sort keeps each expert's rows in (token, rank) order, which makes results
-    # independent of the sort implementation.
-    key_N = torch.where(kept_TK, experts_TK, torch.full_like(experts_TK, E)).reshape(-1)
-    order_N = torch.argsort(key_N.to(torch.int32), stable=True)   # 32-bit radix sort: faster
-    # Group ends by binary search in the sorted keys: no atomics (a scatter_add count over
-    # T * K pairs into E bins contends heavily) and no host sync (CUDA bincount reads max).
-    sorted_key_N = key_N[order_N]
-    experts_E = torch.arange(E, device=key_N.device, dtype=key_N.dtype)
-    offsets_E = torch.searchsorted(sorted_key_N, experts_E, right=True).to(torch.int32)
-    weights_N = decision.weights_TK.reshape(-1).float()
+    device = experts_TK.device
+    bound = dispatch_bound(T, K, E, decision.capacity)
+    index_dtype = torch.int32 if E * T < 2**31 else torch.int64
+
+    cell_N = (experts_TK * T + torch.arange(T, device=device)[:, None]).reshape(-1)
+    kept_N = kept_TK.reshape(-1)
+    grid_G = torch.zeros(E * T, dtype=index_dtype, device=device)     # G = E * T cells
+    grid_G.scatter_add_(0, cell_N, kept_N.to(index_dtype))
+    ends_G = torch.cumsum(grid_G, 0, dtype=index_dtype)
+    if T > 0:
+        offsets_E = ends_G.view(E, T)[:, -1].to(torch.int32).contiguous()
+    else:
+        offsets_E = torch.zeros(E, dtype=torch.int32, device=device)
+
+    # pair_B[p] = flat pair index n = t * K + k of row p. Rows past the kept pairs keep the
+    # filler p (a valid, spread pair index: bound <= T * K), so the index_select backward of
+    # the weights does not pile atomic adds onto one element; dropped pairs write to the dump
+    # slot `bound`, sliced off.
+    dest_N = torch.where(kept_N, ends_G.index_select(0, cell_N).long() - 1, bound)
+    pair_B = torch.arange(bound + 1, device=device)
+    pair_B = pair_B.scatter(0, dest_N, torch.arange(T * K, device=device))[:bound]
+    # index_select, not advanced indexing: its backward is an index_add, not a sort.
+    weight_B = decision.weights_TK.reshape(-1).float().index_select(0, pair_B)
+    token_B = pair_B // K
+
+    # The same rows regrouped by token (kept pairs are already token-major in n = t * K + k):
+    # a scan numbers them, a scatter stores each one's row. Entries past the kept pairs
+    # (sync-free) point at row 0 and fall into scratch bags.
+    slot_N = torch.cumsum(kept_N, 0) - 1
+    rows_J = torch.zeros(bound + 1, dtype=torch.int64, device=device)
+    rows_J = rows_J.scatter(0, torch.where(kept_N, slot_N, bound), dest_N)[:bound]
+    bag_ends_T = slot_N.view(T, K)[:, -1] + 1 if K > 0 else slot_N.new_zeros(T)
+    bag_offsets_T = F.pad(bag_ends_T[:-1], (1, 0)) if T > 0 else bag_ends_T
 
     if not sync_free:
         group_ends = tuple(offsets_E.tolist())          # the one host sync of this layer
         P = group_ends[-1] if group_ends else 0
-        order_P = order_N[:P]
-        return DispatchPlan(token_idx_P=order_P // K, weight_P=weights_N[order_P],
+        return DispatchPlan(token_idx_P=token_B[:P], weight_P=weight_B[:P],
                             group_offsets_E=offsets_E, valid_P=None, group_ends=group_ends,
-                            num_tokens=T)
+                            num_tokens=T, bag_rows_J=rows_J[:P], bag_offsets_B=bag_offsets_T)
 
-    P = dispatch_bound(T, K, E, decision.capacity)
-    order_P = order_N[:P]
-    valid_P = sorted_key_N[:P] < E
-    spread_P = torch.arange(P, device=order_P.device) % max(T, 1)
-    token_idx_P = torch.where(valid_P, order_P // K, spread_P)
-    weight_P = torch.where(valid_P, weights_N[order_P], torch.zeros_like(weights_N[order_P]))
-    return DispatchPlan(token_idx_P=token_idx_P, weight_P=weight_P, group_offsets_E=offsets_E,
-                        valid_P=valid_P, group_ends=None, num_tokens=T)
+    rows_B = torch.arange(bound, device=device)
+    valid_B = rows_B < offsets_E[-1]
+    token_idx_B = torch.where(valid_B, token_B, rows_B % max(T, 1))
+    weight_B = torch.where(valid_B, weight_B, torch.zeros_like(weight_B))
+    # Scratch bags of <= SCRATCH_BAG entries from the number of kept pairs on: the last token's
+    # bag then ends at the kept pairs, and no single bag sums the whole padding serially.
+    num_scratch = -(-bound // SCRATCH_BAG)
+    scratch_B = torch.arange(num_scratch, device=device) * SCRATCH_BAG + offsets_E[-1].long()
+    bag_offsets_B = torch.cat([bag_offsets_T, scratch_B.clamp(max=bound)])
+    return DispatchPlan(token_idx_P=token_idx_B, weight_P=weight_B, group_offsets_E=offsets_E,
+                        valid_P=valid_B, group_ends=None, num_tokens=T, bag_rows_J=rows_J,
+                        bag_offsets_B=bag_offsets_B)
 
 
 def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Gather the token row of every dispatch row: x_PD[p] = x_TD[token_idx_P[p]]."""
-    return x_TD.index_select(0, plan.token_idx_P)
+    """Gather the token row of every dispatch row: x_PD[p] = x_TD[token_idx_P[p]].
+
+    Backward sums each token's row gradients per token bag (a gather, fp32 accumulation inside
+    the kernel, no atomics) rather than index_select's scatter-add.
+    """
+    if plan.bag_rows_J is None or plan.num_rows == 0:
+        return x_TD.index_select(0, plan.token_idx_P)
+    return _Dispatch.apply(x_TD, plan.token_idx_P, plan.bag_rows_J, plan.bag_offsets_B)
 
 
 def combine(y_PD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
@@ -109,12 +158,54 @@ def combine(y_PD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> t
     Tokens whose pairs were all dropped get 0 (the transformer's residual carries them).
     Padding rows of the sync-free plan: `Experts` returns exact zeros there (torch.where on its
     outputs, applied before any multiply, so uninitialised grouped_mm rows, even NaN, never
-    meet a 0 weight: 0 * NaN = NaN); they add 0 * 0 to spread tokens.
+    meet a 0 weight: 0 * NaN = NaN); they belong to no token's bag.
     """
-    # bf16 * fp32 promotes to fp32 inside one kernel: no separate fp32 copy of y_PD.
-    contrib_PD = y_PD * plan.weight_P[:, None]
-    out_TD = contrib_PD.new_zeros(plan.num_tokens, y_PD.shape[1])
-    # index_add over a fresh zeros tensor (out of place, so autograd sees a plain function).
-    # On CUDA this uses atomics: bitwise run-to-run nondeterministic in the summation order.
-    out_TD = out_TD.index_add(0, plan.token_idx_P, contrib_PD)
+    if plan.bag_rows_J is None or plan.num_rows == 0:
+        # bf16 * fp32 promotes to fp32 inside one kernel: no separate fp32 copy of y_PD.
+        contrib_PD = y_PD * plan.weight_P[:, None]
+        out_TD = contrib_PD.new_zeros(plan.num_tokens, y_PD.shape[1])
+        out_TD = out_TD.index_add(0, plan.token_idx_P, contrib_PD)   # CUDA: atomics
+        return out_TD.to(out_dtype)
+    out_TD = _Combine.apply(y_PD, plan.weight_P, plan.token_idx_P, plan.bag_rows_J,
+                            plan.bag_offsets_B, plan.num_tokens)
     return out_TD.to(out_dtype)
+
+
+class _Dispatch(torch.autograd.Function):
+    """index_select forward; backward = per-token bag sums of the row gradients."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_idx_P, bag_rows_J, bag_offsets_B):
+        ctx.save_for_backward(bag_rows_J, bag_offsets_B)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, token_idx_P)
+
+    @staticmethod
+    def backward(ctx, grad_PD):
+        bag_rows_J, bag_offsets_B = ctx.saved_tensors
+        grad_TD = F.embedding_bag(bag_rows_J, grad_PD.contiguous(), bag_offsets_B, mode="sum")
+        return grad_TD[:ctx.num_tokens], None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """fp32 out_TD = per-token bag sums of weight_P[p] * y_PD[p] (embedding_bag with
+    per-sample weights: a gather, no atomics); backward gathers dL/dout per row."""
+
+    @staticmethod
+    def forward(ctx, y_PD, weight_P, token_idx_P, bag_rows_J, bag_offsets_B, num_tokens):
+        ctx.save_for_backward(y_PD, weight_P, token_idx_P)
+        bag_weights_J = weight_P.index_select(0, bag_rows_J)
+        out_BD = F.embedding_bag(bag_rows_J, y_PD.float(), bag_offsets_B, mode="sum",
+                                 per_sample_weights=bag_weights_J)
+        return out_BD[:num_tokens]
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_PD, weight_P, token_idx_P = ctx.saved_tensors
+        grad_PD = grad_TD.float().index_select(0, token_idx_P)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (grad_PD * weight_P[:, None]).to(y_PD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_PD * y_PD).sum(dim=1)
+        return grad_y, grad_w, None, None, None, None

@@ -1,0 +1,390 @@
+"""tools/preprocess_data.py end to end, against outputs assembled here from the pure-Python
+GPT-2 reference: each document with at least one id contributes its ids (+ EOD) as one sequence
+and one document; documents without ids are skipped; bad lines stop the run or are skipped."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import runpy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.preprocess.config import PreprocessConfig
+from megatron.data.preprocess.inputs import _file_chunks
+from megatron.data.preprocess.piece_cache import PieceCachedTokenizer, split_segments
+from tests.tokenizer.gpt2_reference import ReferenceGPT2Tokenizer, train_tiny_bpe
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = str(REPO / "tools" / "preprocess_data.py")
+
+TRAIN_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps.",
+    "Experts route tokens; each token may use a different number of experts.",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9, \u00fcber 42 emojis \U0001F600 and \u4e2d\u6587 text.",
+]
+DOCS = [
+    "The quick brown fox.\nIt jumps over the lazy dog.",
+    "",                                              # empty text: skipped, counted
+    "Caf\u00e9 \U0001F600 r\u00e9sum\u00e9 \u4e2d\u6587",
+    "   leading and trailing spaces   ",
+    "tokens route to experts, 123 456.",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    vocab, merges = train_tiny_bpe(TRAIN_TEXTS, 80, tmp_path_factory.mktemp("bpe"))
+    return vocab, merges, ReferenceGPT2Tokenizer(vocab, merges)
+
+
+def run_tool(cwd, *args, env=None, timeout=60):
+    """Run the tool from `cwd` (not the repo root: the script must find its package itself)."""
+    return subprocess.run([sys.executable, TOOL, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tool_args(vocab, merges, inp, prefix, *extra):
+    return ["--input", inp, "--output-prefix", prefix, "--vocab-file", vocab,
+            "--merge-file", merges, "--tokenizer-type", "GPT2BPETokenizer", *extra]
+
+
+def write_jsonl(path: Path, lines) -> Path:
+    """`lines`: dicts (json.dumps), str (written as is) or bytes; joined with b"\\n"."""
+    raw = [json.dumps(x).encode() if isinstance(x, dict) else
+           x.encode() if isinstance(x, str) else x for x in lines]
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    return path
+
+
+def expected(ref: ReferenceGPT2Tokenizer, texts, append_eod=True):
+    """(.bin bytes, sizes, doc_idx) as the original Megatron-DeepSpeed tool writes them."""
+    eod = ref.encoder["<|endoftext|>"]
+    seqs = [ref.encode(t) + ([eod] if append_eod else []) for t in texts if ref.encode(t)]
+    flat = np.array([i for s in seqs for i in s], dtype=np.uint16)
+    return flat.tobytes(), [len(s) for s in seqs], list(range(len(seqs) + 1))
+
+
+def assert_dataset(prefix: str, want) -> None:
+    data, sizes, doc_idx = want
+    assert Path(prefix + ".bin").read_bytes() == data
+    ds = MMapIndexedDataset(prefix)
+    assert list(ds.sizes) == sizes
+    assert list(ds.doc_idx) == doc_idx
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tool_main():
+    """The tool's main(argv) -> exit code, called in this process (cheaper than a subprocess)."""
+    return runpy.run_path(TOOL, run_name="preprocess_data_under_test")["main"]
+
+
+def call_main(main, capsys, *args) -> subprocess.CompletedProcess:
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+# --------------------------------------------------------------------------- correctness
+
+def test_bin_matches_reference_and_workers_agree(tmp_path, tiny_vocab):
+    vocab, merges, ref = tiny_vocab
+    lines = [{"text": DOCS[0]}, "", {"text": DOCS[1]}, {"text": DOCS[2], "other": 1},
+             json.dumps({"text": DOCS[3]}, ensure_ascii=False).encode() + b"\r",   # CRLF
+             json.dumps({"text": DOCS[4]}, ensure_ascii=False)]
+    inp = write_jsonl(tmp_path / "in.jsonl", lines)
+    want = expected(ref, DOCS)
+    outputs = []
+    for workers in (1, 2):
+        prefix = tmp_path / f"w{workers}"
+        proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, prefix, "--append-eod",
+                                             "--workers", workers, "--log-interval", 1))
+        assert proc.returncode == 0, proc.stderr
+        assert_dataset(f"{prefix}_text_document", want)
+        assert "processed 6 lines" in proc.stderr            # a progress line
+        assert "4 documents written" in proc.stderr
+        assert "(empty text: 1)" in proc.stderr and "(blank line: 1)" in proc.stderr
+        outputs.append([Path(f"{prefix}_text_document{ext}").read_bytes()
+                        for ext in (".bin", ".idx")])
+    assert outputs[0] == outputs[1]
+
+
+def test_without_append_eod(tmp_path, tiny_vocab):
+    vocab, merges, ref = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert_dataset(f"{tmp_path}/o_text_document", expected(ref, DOCS, append_eod=False))
+
+
+def test_many_chunks_in_order_across_workers(tmp_path, tiny_vocab):
+    """Tiny chunks force many tasks through the pool; results must come back in input order."""
+    from megatron.data.preprocess.pipeline import run
+    vocab, merges, ref = tiny_vocab
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(TRAIN_TEXTS[:2]).split()[:rng.randint(0, 9)])
+             for _ in range(120)]
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    want = expected(ref, texts)
+    for workers in (1, 2):
+        cfg = PreprocessConfig(input=str(inp), output_prefix=str(tmp_path / f"w{workers}"),
+                               vocab_file=vocab, merge_file=merges, append_eod=True,
+                               workers=workers, chunk_bytes=200, log_interval=10**9)
+        stats = run(cfg, log=io.StringIO())
+        assert stats.keys["text"].documents == len(want[1])
+        assert_dataset(f"{tmp_path}/w{workers}_text_document", want)
+
+
+def test_multiple_json_keys(tmp_path, tiny_vocab):
+    vocab, merges, ref = tiny_vocab
+    rows = [{"text": DOCS[0], "title": "Fox"}, {"text": DOCS[2], "title": ""},
+            {"text": "", "title": "Only a title"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o", "--append-eod",
+                                         "--json-key", "text", "title", "--workers", 2))
+    assert proc.returncode == 0, proc.stderr
+    for key in ("text", "title"):
+        assert_dataset(f"{tmp_path}/o_{key}_document", expected(ref, [r[key] for r in rows]))
+
+
+def test_key_without_documents_still_gets_both_files(tmp_path, tiny_vocab):
+    vocab, merges, _ = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "", "t2": "x"}, ""])
+    proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o",
+                                         "--json-keys", "text", "t2"))
+    assert proc.returncode == 0, proc.stderr
+    assert Path(f"{tmp_path}/o_text_document.bin").read_bytes() == b""
+    ds = MMapIndexedDataset(f"{tmp_path}/o_text_document")
+    assert len(ds) == 0 and list(ds.doc_idx) == [0]
+    assert len(MMapIndexedDataset(f"{tmp_path}/o_t2_document")) == 1
+
+
+def test_directory_and_glob_inputs(tmp_path, tiny_vocab):
+    vocab, merges, ref = tiny_vocab
+    d = tmp_path / "corpus"
+    d.mkdir()
+    write_jsonl(d / "b.jsonl", [{"text": DOCS[2]}])
+    write_jsonl(d / "a.jsonl", [{"text": DOCS[0]}, {"text": DOCS[4]}])
+    write_jsonl(d / ".hidden.jsonl", [{"text": "never read"}])
+    (d / "sub").mkdir()
+    write_jsonl(d / "sub" / "c.jsonl", [{"text": "never read"}])
+    want = expected(ref, [DOCS[0], DOCS[4], DOCS[2]])
+    for name, spec in (("dir", d), ("glob", f"{d}/*.jsonl")):
+        proc = run_tool(tmp_path, *tool_args(vocab, merges, spec, tmp_path / name,
+                                             "--append-eod"))
+        assert proc.returncode == 0, proc.stderr
+        assert_dataset(f"{tmp_path}/{name}_text_document", want)
+        assert "read 2 file(s)" in proc.stderr
+
+
+def test_file_chunks_keep_whole_lines_and_numbers():
+    rng = random.Random(1)
+    for _ in range(500):
+        lines = [b"x" * rng.randint(0, 7) for _ in range(rng.randint(0, 8))]
+        data = b"\n".join(lines) + (b"\n" if lines and rng.random() < 0.5 else b"")
+        want = data.split(b"\n") if data else []
+        if data.endswith(b"\n"):
+            want = want[:-1]
+        got, next_line = [], 1
+        for chunk in _file_chunks(io.BytesIO(data), 0, rng.randint(1, 10)):
+            assert chunk.first_line == next_line
+            got += chunk.data.split(b"\n")
+            next_line += chunk.data.count(b"\n") + 1
+        assert got == want
+
+
+ADVERSARIAL = (list("ab Z9\u00bd's\n\t\r .,-\u00e9\U0001F600\u00a0\u2028\x1c\u0085")
+               + ["'s", "'ll", "'re", "'d", "   ", " x ", "\n\n", "Caf\u00e9"])
+
+
+def test_piece_cache_equals_reference_on_adversarial_text(tiny_vocab):
+    """Segment cuts and cached pieces (tiny cache: clears often) give the reference's ids."""
+    _, _, ref = tiny_vocab
+
+    class ReferenceBatch:
+        def tokenize_batch(self, texts):
+            return [ref.encode(t) for t in texts]
+
+    rng = random.Random(2)
+    texts = ["".join(rng.choice(ADVERSARIAL) for _ in range(rng.randint(0, 25)))
+             for _ in range(3000)] + [" " * 50, "x" + " " * 7 + "y", ""]
+    cached = PieceCachedTokenizer(ReferenceBatch(), max_cached=40)
+    for _ in range(2):                       # cold, then warm
+        assert cached.tokenize_batch(texts) == [ref.encode(t) for t in texts]
+    assert all("".join(split_segments(t)) == t for t in texts)
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_LINES = {
+    "malformed JSON": b'{"text": "unterminated',
+    "not a JSON object": b'["text"]',
+    "missing key": b'{"body": "no text key"}',
+    "text not a string": b'{"text": 5}',
+    "invalid UTF-8": b'{"text": "caf\xe9"}',
+    "lone surrogate": b'{"text": "half \\ud800 pair"}',
+    "byte-order mark": b'\xef\xbb\xbf{"text": "bom"}',
+}
+
+
+def no_outputs(directory: Path, stem: str) -> bool:
+    return not [p for p in os.listdir(directory) if p.startswith((stem, "." + stem))]
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_bad_line_stops_with_one_line_naming_file_and_line(tmp_path, tiny_vocab, tool_main,
+                                                           capsys, reason):
+    vocab, merges, _ = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": DOCS[0]}, "", BAD_LINES[reason],
+                                              {"text": DOCS[2]}])
+    args = tool_args(vocab, merges, inp, tmp_path / "out", "--append-eod")
+    if reason == "malformed JSON":   # one case as a real process: exit code, no traceback
+        proc = run_tool(tmp_path, *args, "--workers", 2)
+    else:
+        proc = call_main(tool_main, capsys, *args)
+    msg = one_line_error(proc)
+    assert f"{inp}:3: {reason}" in msg and "--skip-bad-lines" in msg
+    assert no_outputs(tmp_path, "out")
+
+
+def test_skip_bad_lines_counts_every_reason(tmp_path, tiny_vocab):
+    vocab, merges, ref = tiny_vocab
+    good = [DOCS[0], DOCS[2], DOCS[4]]
+    lines = [{"text": good[0]}]
+    for reason in sorted(BAD_LINES):
+        lines += [BAD_LINES[reason], {"text": good[1]}]
+    lines += ["", {"text": ""}, {"text": good[2]}]
+    inp = write_jsonl(tmp_path / "in.jsonl", lines)
+    proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o", "--append-eod",
+                                         "--skip-bad-lines", "--workers", 2))
+    assert proc.returncode == 0, proc.stderr
+    assert_dataset(f"{tmp_path}/o_text_document",
+                   expected(ref, [good[0]] + [good[1]] * len(BAD_LINES) + [good[2]]))
+    for reason in BAD_LINES:
+        assert f"{reason}: 1" in proc.stderr
+    assert "blank line: 1" in proc.stderr and "(empty text: 1)" in proc.stderr
+    assert f"{len(BAD_LINES) + 1} lines skipped" in proc.stderr
+
+
+def test_usage_errors_are_one_line(tmp_path, tiny_vocab, tool_main, capsys):
+    vocab, merges, _ = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (tool_args(vocab, merges, tmp_path / "missing.jsonl", tmp_path / "o"), "not found"),
+        (tool_args(vocab, merges, empty, tmp_path / "o"), "no regular non-hidden files"),
+        (tool_args(vocab, merges, f"{tmp_path}/*.nothing", tmp_path / "o"), "matches no files"),
+        (tool_args(tmp_path / "nope.json", merges, inp, tmp_path / "o"), "--vocab-file"),
+        (tool_args(vocab, merges, inp, tmp_path / "o", "--dataset-impl", "lazy"),
+         "not supported"),
+        (tool_args(vocab, merges, inp, tmp_path / "o", "--workers", 0), "--workers"),
+    ]
+    for args, needle in cases:
+        assert needle in one_line_error(call_main(tool_main, capsys, *args))
+    assert no_outputs(tmp_path, "o")
+
+
+# --------------------------------------------------------------------------- environment
+
+def test_does_not_import_torch(tmp_path, tiny_vocab):
+    vocab, merges, _ = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": DOCS[0]}])
+    args = [str(a) for a in tool_args(vocab, merges, inp, tmp_path / "o", "--append-eod")]
+    probe = textwrap.dedent(f"""
+        import runpy, sys
+        sys.argv = [{TOOL!r}] + {args!r}
+        try:
+            runpy.run_path({TOOL!r}, run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
+        assert not [m for m in sys.modules if m.split(".")[0] == "torch"], "torch imported"
+        print("no-torch-ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "no-torch-ok" in proc.stdout, proc.stderr
+
+
+def _nltk_available() -> bool:
+    try:
+        import nltk  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_nltk_available(), reason="nltk is installed here")
+def test_split_sentences_without_nltk_says_how_to_install(tmp_path, tiny_vocab):
+    vocab, merges, _ = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": DOCS[0]}])
+    msg = one_line_error(run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o",
+                                                       "--split-sentences")))
+    assert "pip install nltk" in msg
+    assert no_outputs(tmp_path, "o")
+
+
+FAKE_PUNKT = '''
+class PunktTokenizer:
+    """Stands in for nltk's punkt: splits after '. ' (enough to test the tool's plumbing)."""
+    def __init__(self, lang):
+        assert lang == "english"
+    def tokenize(self, text):
+        parts = text.split(". ")
+        return [p + "." for p in parts[:-1]] + [parts[-1]] if text else []
+'''
+
+
+def test_split_sentences_writes_one_sequence_per_sentence(tmp_path, tiny_vocab):
+    """With a stand-in nltk: sentences are sequences, EOD ends the last, `_sentence` names."""
+    vocab, merges, ref = tiny_vocab
+    fake = tmp_path / "fake"
+    (fake / "nltk" / "tokenize").mkdir(parents=True)
+    (fake / "nltk" / "__init__.py").write_text("")
+    (fake / "nltk" / "tokenize" / "__init__.py").write_text("")
+    (fake / "nltk" / "tokenize" / "punkt.py").write_text(FAKE_PUNKT)
+    texts = ["One. Two words. Three", "", "Single"]
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(fake), os.environ.get("PYTHONPATH")) if p))
+    proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o", "--append-eod",
+                                         "--split-sentences", "--workers", 2), env=env)
+    assert proc.returncode == 0, proc.stderr
+    eod = ref.encoder["<|endoftext|>"]
+    seqs = [ref.encode("One."), ref.encode("Two words."), ref.encode("Three") + [eod],
+            ref.encode("Single") + [eod]]
+    ds = MMapIndexedDataset(f"{tmp_path}/o_text_sentence")
+    assert [list(ds.get(i)) for i in range(len(ds))] == seqs
+    assert list(ds.doc_idx) == [0, 3, 4]
+
+
+def test_real_gpt2_vocab(tmp_path, gpt2_files):
+    vocab, merges = gpt2_files
+    ref = ReferenceGPT2Tokenizer(vocab, merges)
+    texts = DOCS + ["GPT-2's tokenizer: it's   spaced\ttabs\n\nand newlines, \u00e9t\u00e9."]
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o", "--append-eod",
+                                         "--workers", 2))
+    assert proc.returncode == 0, proc.stderr
+    want = expected(ref, texts)
+    assert_dataset(f"{tmp_path}/o_text_document", want)
+    assert want[0][-2:] == np.array([50256], dtype=np.uint16).tobytes()
