@@ -10,7 +10,8 @@ without updating megatron/model/moe/*):
 - Choice slots are ordered: slot k = 0 is each token's first choice (its most probable expert
   for threshold / top-k / switch, its hashed expert for hash routing). `wanted_TK` is a prefix
   of the slots of each token (always including slot 0), and `experts_TK` holds a valid expert
-  id in every slot, wanted or not, so consumers may gather with it unmasked.
+  id in every slot, wanted or not, so consumers may gather with it unmasked. A token's slots
+  name distinct experts (count_per_expert and make_plan rely on it).
 - Capacity keeps at most C pairs per expert, by priority: lower slot k first, then higher
   probability, then lower token index. Dropped pairs have `kept_TK` False and weight 0.
 - `weights_TK` is the softmax probability over all E experts (not renormalised over the chosen

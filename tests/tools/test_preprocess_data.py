@@ -216,18 +216,43 @@ ADVERSARIAL = (list("ab Z9\u00bd's\n\t\r .,-\u00e9\U0001F600\u00a0\u2028\x1c\u00
                + ["'s", "'ll", "'re", "'d", "   ", " x ", "\n\n", "Caf\u00e9"])
 
 
+def test_segment_cuts_are_pre_token_boundaries():
+    """Each segment pre-tokenizes alone exactly as in context (both split paths)."""
+    import regex
+    gpt2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    rng = random.Random(5)
+    alphabet = ADVERSARIAL + ["\uffff"]
+    for _ in range(4000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        segments = split_segments(text)
+        assert "".join(segments) == text
+        assert [p for s in segments for p in gpt2.findall(s)] == gpt2.findall(text), repr(text)
+
+
+def test_stdlib_whitespace_class_is_str_isspace():
+    """The cut rule relies on re's \\s being exactly str.isspace (a superset of GPT-2's \\s)."""
+    import re
+    import sys
+    space = re.compile(r"\s")
+    assert all(bool(space.match(chr(c))) == chr(c).isspace()
+               for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
+
+
 def test_piece_cache_equals_reference_on_adversarial_text(tiny_vocab):
-    """Segment cuts and cached pieces (tiny cache: clears often) give the reference's ids."""
+    """Segment cuts, joined misses and the cache (tiny: clears often) give the reference's ids."""
     _, _, ref = tiny_vocab
 
-    class ReferenceBatch:
-        def tokenize_batch(self, texts):
-            return [ref.encode(t) for t in texts]
+    class ReferenceTokenizer:     # what PieceCachedTokenizer uses of a tokenizer
+        inv_vocab = {i: s for s, i in ref.encoder.items()}
+
+        def tokenize(self, text):
+            return ref.encode(text)
 
     rng = random.Random(2)
     texts = ["".join(rng.choice(ADVERSARIAL) for _ in range(rng.randint(0, 25)))
              for _ in range(3000)] + [" " * 50, "x" + " " * 7 + "y", ""]
-    cached = PieceCachedTokenizer(ReferenceBatch(), max_cached=40)
+    cached = PieceCachedTokenizer(ReferenceTokenizer(), max_cached=40)
+    texts += ["a\uffff b", " \uffff", "x \uffff  y"]   # the stand-in character: fallback path
     for _ in range(2):                       # cold, then warm
         assert cached.tokenize_batch(texts) == [ref.encode(t) for t in texts]
     assert all("".join(split_segments(t)) == t for t in texts)

@@ -2,15 +2,14 @@
 
 GPT-2's byte-level BPE first cuts text into pre-tokens with one regex and never merges across
 them, so a text's ids are the concatenation of its pre-tokens' ids. Natural text repeats a small
-set of words, so nearly every lookup is a dict hit and only new strings reach the regex and the
-compiled tokenizer. Two levels:
+set of words, so nearly every segment is a dict hit and only new strings reach the tokenizer.
 
-* segments: the text cut at every single space that has a non-space character on both sides,
-  the space going with the right part (" word,"). Each cut is a pre-token boundary, and each
-  part pre-tokenizes alone exactly as in context (proof in `split_segments`). Cutting needs only
-  `str.split`, several times faster than running the pre-tokenizer regex over the whole text.
-* pieces: a new segment is pre-tokenized with the `regex` package and the pattern of the
-  original GPT-2 encoder (and Megatron's tokenizer); new pieces go to `tokenize_batch`.
+* segments: the text cut before every " " whose next character is not whitespace, the space
+  going with the right part (" word,"). Each cut is a pre-token boundary, and each part
+  pre-tokenizes alone exactly as in context (proof in `split_segments`). Cutting is one stdlib
+  `re.sub` (hiding the spaces that are not cuts) and one `str.split`, both in C.
+* misses: new segments go to the tokenizer (the `regex` pre-tokenizer of the original GPT-2
+  encoder, its word cache and compiled merges), all of a text joined in one call.
 
 The ids are therefore those the original tool writes (tests compare with the pure-Python
 reference on adversarial text).
@@ -18,101 +17,119 @@ reference on adversarial text).
 
 from __future__ import annotations
 
-from itertools import chain
-from typing import Dict, Iterable, List, Sequence, Tuple
+import re
+from itertools import chain, filterfalse, islice
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import regex
+import numpy as np
 
-GPT2_PRETOKENIZER = regex.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-MAX_CACHED = 2_000_000    # entries per level; bounds memory on corpora with huge vocabularies
+MAX_CACHED = 2_000_000    # entries per cache; bounds memory on corpora with huge vocabularies
+
+# A space that is NOT a cut: followed by whitespace or by the end of the text. The stdlib `re`
+# `\s` is exactly `str.isspace` (checked over all code points in the tests), a superset of the
+# GPT-2 pattern's `\s`, so a doubtful position is never cut, which is always safe.
+_SPACE_NOT_CUT = re.compile(r" (?=\s|\Z)")
+_HIDDEN_SPACE = "\uffff"   # stands for such a space while splitting; texts holding it fall back
+_RESTORE = str.maketrans(_HIDDEN_SPACE, " ")
+
+
+def split_parts(text: str) -> Optional[List[str]]:
+    """Segments of `text` as [first, rest...] where segment i >= 1 is " " + rest (hidden spaces
+    as U+FFFF); None when the text itself contains U+FFFF (use `split_segments`)."""
+    if _HIDDEN_SPACE in text:
+        return None
+    return _SPACE_NOT_CUT.sub(_HIDDEN_SPACE, text).split(" ")
 
 
 def split_segments(text: str) -> List[str]:
-    """`text` cut before every " " that has a non-whitespace character on both sides.
+    """`text` cut before every " " whose next character is not whitespace.
 
-    Why each cut is exact: the pre-token holding the character left of such a space cannot hold
-    the space (a pre-token with a space starts with it or is all whitespace); the pre-token at the
-    space is " " plus a run of letters, digits or other symbols (one of those alternatives always
-    matches before the whitespace ones); the pattern has no look-behind, and the runs and the
-    `\\s+(?!\\S)` look-ahead that end a part stop at that space both in context and at the end
-    of the part. So the segments' pre-tokens, concatenated, are the text's. `str.isspace` is a
-    superset of the pattern's `\\s`, so a doubtful cut is skipped, which is always safe.
-    (A Python loop over `str.split`: measured faster than a look-around `re.split`.)
+    Why each cut is exact: every alternative of the GPT-2 pattern that can hold a space either
+    starts with it (" ?\\p{L}+", ...) or is all whitespace. Left of the cut, a non-whitespace
+    pre-token stops at the space; a whitespace run stops before its last space, because
+    `\\s+(?!\\S)` backtracks to leave that space to the next non-whitespace run, and alone at the
+    end of a part the same run matches to the end. Right of the cut, " X..." starts a pre-token
+    (a space-led alternative matches before the whitespace ones), and the pattern has no
+    look-behind. So the segments' pre-tokens, concatenated, are the text's.
     """
-    parts = text.split(" ")
-    segments: List[str] = []
-    current = parts[0]
-    for part in parts[1:]:
-        if part and current and not part[0].isspace() and not current[-1].isspace():
-            segments.append(current)
-            current = " " + part
+    parts = split_parts(text)
+    if parts is not None:
+        return [parts[0].translate(_RESTORE)] + [" " + p.translate(_RESTORE) for p in parts[1:]]
+    pieces = text.split(" ")
+    segments = [pieces[0]]
+    for piece in pieces[1:]:
+        if piece and not piece[0].isspace():
+            segments.append(" " + piece)
         else:
-            current += " " + part    # in-place append in CPython: linear even for long runs
-    segments.append(current)
+            segments[-1] += " " + piece
     return segments
 
 
-def _is_inner(segment: str) -> bool:
-    """Starts with " " + non-space and ends with non-space: cutting next to it is exact."""
-    return (len(segment) > 1 and segment[0] == " " and not segment[1].isspace()
-            and not segment[-1].isspace())
-
-
 class PieceCachedTokenizer:
-    """`tokenize_batch` of a GPT-2 byte-level BPE tokenizer with segment and piece id caches."""
+    """`tokenize_batch` of a GPT-2 byte-level BPE tokenizer with segment -> ids caches.
+
+    Misses are tokenized together, once per text: segments joined back to back meet only at
+    exact cuts (each later one starts with " " + non-space), so the ids of the joined string are
+    the segments' ids in order; they are cut apart where the tokens' cumulative byte length
+    reaches each segment's (a GPT-2 symbol is one byte).
+    """
 
     def __init__(self, tokenizer, max_cached: int = MAX_CACHED):
         self._tokenizer = tokenizer
         self._max_cached = max_cached
-        self._segments: Dict[str, Tuple[int, ...]] = {}
-        self._pieces: Dict[str, Tuple[int, ...]] = {}
+        self._first: Dict[str, Tuple[int, ...]] = {}    # a text's first segment, raw
+        self._spaced: Dict[str, Tuple[int, ...]] = {}   # segment " " + key (hidden spaces)
+        inv = tokenizer.inv_vocab
+        self._token_nbytes = np.array([len(inv[i]) for i in range(len(inv))], dtype=np.int64)
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [self._ids(split_segments(text)) for text in texts]
+        return [self._ids(text) for text in texts]
 
-    def _ids(self, segments: List[str]) -> List[int]:
-        cache = self._segments
+    def _ids(self, text: str) -> List[int]:
+        parts = split_parts(text)
+        if parts is None:   # rare: the text holds the stand-in character itself
+            return list(self._tokenizer.tokenize(text))
+        spaced = self._spaced
+        first = self._first.get(parts[0])
         try:    # the common case once warm: every segment is known
-            return list(chain.from_iterable(map(cache.__getitem__, segments)))
+            if first is not None:
+                return list(chain(first, chain.from_iterable(
+                    map(spaced.__getitem__, islice(parts, 1, None)))))
         except KeyError:
             pass
-        if len(cache) > self._max_cached:
-            cache.clear()
-        self._add_segments(set(segments).difference(cache))
-        return list(chain.from_iterable(map(cache.__getitem__, segments)))
+        self._add(parts)
+        return list(chain(self._first[parts[0]], chain.from_iterable(
+            map(spaced.__getitem__, islice(parts, 1, None)))))
 
-    def _add_segments(self, segments: Iterable[str]) -> None:
-        known = self._pieces
-        if len(known) > self._max_cached:
-            known.clear()
-        pieces_of = self._pretokenize(list(segments))
-        new = list({p for _, pieces in pieces_of for p in pieces if p not in known})
-        if new:
-            # A piece alone pre-tokenizes to itself, so its ids alone are its ids in context.
-            for piece, ids in zip(new, self._tokenizer.tokenize_batch(new)):
-                known[piece] = tuple(ids)
-        lookup = known.__getitem__
-        for segment, pieces in pieces_of:
-            self._segments[segment] = tuple(chain.from_iterable(map(lookup, pieces)))
+    def _add(self, parts: List[str]) -> None:
+        """Tokenize the unknown segments of one text in one joined call and cache them.
 
-    @staticmethod
-    def _pretokenize(segments: List[str]) -> List[Tuple[str, List[str]]]:
-        """Each segment with its pre-tokens; "inner" segments share one regex pass.
-
-        Inner segments joined back to back meet only at exact cuts (see `split_segments`), so
-        the pre-tokens of the joined string are theirs in order; they are handed back by length.
+        The text's first segment (if unknown) goes first; every later one starts with " " +
+        non-space, so each junction in the joined string is an exact cut.
         """
-        inner = [s for s in segments if _is_inner(s)]
-        out = [(s, GPT2_PRETOKENIZER.findall(s)) for s in segments if not _is_inner(s)]
-        pieces = iter(GPT2_PRETOKENIZER.findall("".join(inner)))
-        for segment in inner:
-            mine: List[str] = []
-            length = 0
-            while length < len(segment):
-                piece = next(pieces)
-                mine.append(piece)
-                length += len(piece)
-            assert length == len(segment), "pre-token crossed an exact cut"
-            out.append((segment, mine))
-        return out
+        for cache in (self._first, self._spaced):
+            if len(cache) > self._max_cached:
+                cache.clear()
+        keys: List[Tuple[Dict[str, Tuple[int, ...]], str]] = []
+        segments: List[str] = []
+        if parts[0] not in self._first:
+            if parts[0]:
+                keys.append((self._first, parts[0]))
+                segments.append(parts[0].translate(_RESTORE))
+            else:
+                self._first[""] = ()
+        for key in filterfalse(self._spaced.__contains__, set(islice(parts, 1, None))):
+            keys.append((self._spaced, key))
+            segments.append(" " + key.translate(_RESTORE))
+        if not segments:
+            return
+        ids = self._tokenizer.tokenize("".join(segments))
+        token_ends = np.cumsum(self._token_nbytes[np.asarray(ids, dtype=np.int64)])
+        segment_ends = np.cumsum([len(s.encode("utf-8")) for s in segments])
+        cuts = np.searchsorted(token_ends, segment_ends, side="right")
+        assert cuts[-1] == len(ids) and np.array_equal(token_ends[cuts - 1], segment_ends), \
+            "a token crossed an exact cut"
+        start = 0
+        for (cache, key), cut in zip(keys, cuts.tolist()):
+            cache[key] = tuple(ids[start:cut])
+            start = cut

@@ -60,7 +60,8 @@ class DispatchPlan:
         return self.token_idx_P.shape[0]
 
 
-SCRATCH_BAG = 32
+SCRATCH_BAG = 32     # entries per scratch bag of the sync-free plan
+DUMP = 1024          # scratch slots for the scatters' dropped pairs (a power of 2)
 
 
 def dispatch_bound(num_tokens: int, num_slots: int, num_experts: int,
@@ -102,11 +103,13 @@ def make_plan(decision: RoutingDecision, sync_free: bool) -> DispatchPlan:
 
     # pair_B[p] = flat pair index n = t * K + k of row p. Rows past the kept pairs keep the
     # filler p (a valid, spread pair index: bound <= T * K), so the index_select backward of
-    # the weights does not pile atomic adds onto one element; dropped pairs write to the dump
-    # slot `bound`, sliced off.
-    dest_N = torch.where(kept_N, ends_G.index_select(0, cell_N).long() - 1, bound)
-    pair_B = torch.arange(bound + 1, device=device)
-    pair_B = pair_B.scatter(0, dest_N, torch.arange(T * K, device=device))[:bound]
+    # the weights does not pile atomic adds onto one element. Dropped pairs write to DUMP
+    # scratch slots past `bound` (spread: ~T * K stores to one address would serialise),
+    # sliced off.
+    n_N = torch.arange(T * K, device=device)
+    dump_N = bound + (n_N & (DUMP - 1))
+    dest_N = torch.where(kept_N, ends_G.index_select(0, cell_N).long() - 1, dump_N)
+    pair_B = torch.arange(bound + DUMP, device=device).scatter(0, dest_N, n_N)[:bound]
     # index_select, not advanced indexing: its backward is an index_add, not a sort.
     weight_B = decision.weights_TK.reshape(-1).float().index_select(0, pair_B)
     token_B = pair_B // K
@@ -115,8 +118,8 @@ def make_plan(decision: RoutingDecision, sync_free: bool) -> DispatchPlan:
     # a scan numbers them, a scatter stores each one's row. Entries past the kept pairs
     # (sync-free) point at row 0 and fall into scratch bags.
     slot_N = torch.cumsum(kept_N, 0) - 1
-    rows_J = torch.zeros(bound + 1, dtype=torch.int64, device=device)
-    rows_J = rows_J.scatter(0, torch.where(kept_N, slot_N, bound), dest_N)[:bound]
+    rows_J = torch.zeros(bound + DUMP, dtype=torch.int64, device=device)
+    rows_J = rows_J.scatter(0, torch.where(kept_N, slot_N, dump_N), dest_N)[:bound]
     bag_ends_T = slot_N.view(T, K)[:, -1] + 1 if K > 0 else slot_N.new_zeros(T)
     bag_offsets_T = F.pad(bag_ends_T[:-1], (1, 0)) if T > 0 else bag_ends_T
 
