@@ -17,6 +17,11 @@ import sys
 import tempfile
 from typing import Iterable, Iterator, Tuple
 
+try:
+    import megatron  # noqa: F401  (installed with pip, or run from a directory on sys.path)
+except ImportError:  # `python tools/train_bpe_vocab.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 EOD_TOKEN = "<|endoftext|>"
 
 
@@ -52,12 +57,10 @@ def train_bpe_vocab(texts: Iterable[str], vocab_size: int, out_dir: str,
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    from megatron.fileio import atomic_write
+
+    with atomic_write(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _iter_json_texts(paths: Iterable[str], key: str) -> Iterator[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 
 import numpy as np
 
@@ -27,6 +26,7 @@ from megatron.data.blendable_dataset import BlendableDataset
 from megatron.data.dataset_split import blended_num_samples, parse_data_path, parse_split
 from megatron.data.gpt_index import build_index_mappings
 from megatron.data.indexed_dataset import MMapIndexedDataset, dataset_exists
+from megatron.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +54,9 @@ def index_cache_paths(data_prefix: str, name: str, num_samples: int, seq_length:
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    """np.save to a temporary file in the same folder, then rename: no reader sees a torn file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """np.save through `atomic_write`: no reader sees a torn file."""
+    with atomic_write(path) as f:
+        np.save(f, array, allow_pickle=False)
 
 
 class GPTDataset:

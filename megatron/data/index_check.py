@@ -7,7 +7,6 @@ problem it finds instead of raising on the first one.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +21,7 @@ from megatron.data.index_format import (
     write_index,
 )
 from megatron.data.indexed_dataset import data_file_path, index_file_path
+from megatron.fileio import atomic_write
 
 
 @dataclass
@@ -102,16 +102,6 @@ def repair_index(prefix: str) -> bool:
     if layout == "ok":
         return False
     sizes = legacy_corrected_sizes(index.sizes, index.doc_idx)
-    directory, base = os.path.split(os.path.abspath(idx_path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write_index(f, index.dtype, sizes, np.array(index.doc_idx))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, idx_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(idx_path) as f:
+        write_index(f, index.dtype, sizes, np.array(index.doc_idx))
     return True
