@@ -1,9 +1,9 @@
-"""Typed configuration for the model and its MoE layers.
+"""Typed configuration: model and MoE layers, optimizer, training loop, data, logging, checkpoints.
 
-The Megatron-spelled command line (`megatron/arguments.py`, the training issue) is turned into
-these frozen dataclasses in one place; model code receives them in `__init__` and never reads a
-global argument namespace. Each config validates itself and names the flag behind a bad value.
-This module is torch-free so data tools can import the package cheaply.
+The Megatron-spelled command line (`megatron/arguments.py`) is turned into these frozen
+dataclasses in one place; model, data and training code receive them (or the few fields they
+need) and never read a global argument namespace. Each config validates itself and names the flag
+behind a bad value. This module is torch-free so data tools can import the package cheaply.
 """
 
 from __future__ import annotations
@@ -12,8 +12,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from megatron.data.dataset_split import parse_data_path, parse_split
+
 ROUTERS = ("threshold", "topk", "switch", "hash")
 PARAMS_DTYPES = ("fp32", "fp16", "bf16")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+DISTRIBUTED_BACKENDS = ("nccl", "gloo")
+
+
+def moe_layer_numbers(num_layers: int, expert_interval: int,
+                      no_moe_layer_num: int = 0) -> Tuple[int, ...]:
+    """Megatron-DeepSpeed's MoE placement: 1-based layers L > --no-moe-layer-num with
+    (L - no_moe_layer_num) % --expert-interval == 0 (those that get --num-experts > 1)."""
+    return tuple(L for L in range(1, num_layers + 1)
+                 if L > no_moe_layer_num and (L - no_moe_layer_num) % expert_interval == 0)
 
 
 @dataclass(frozen=True)
@@ -122,9 +134,7 @@ class GPTConfig:
 
     def moe_layer_numbers_if_sparse(self) -> Tuple[int, ...]:
         """1-based layers L with L > no_moe_layer_num and (L - no_moe_layer_num) % interval == 0."""
-        return tuple(L for L in range(1, self.num_layers + 1)
-                     if L > self.no_moe_layer_num
-                     and (L - self.no_moe_layer_num) % self.expert_interval == 0)
+        return moe_layer_numbers(self.num_layers, self.expert_interval, self.no_moe_layer_num)
 
     def experts_for_layer(self, layer_number: int) -> int:
         """Experts of 1-based layer `layer_number`; 1 means a dense MLP layer."""
@@ -134,3 +144,218 @@ class GPTConfig:
         if len(self.num_experts) == 1:
             return self.num_experts[0]
         return self.num_experts[moe_layers.index(layer_number)]
+
+
+def _check_positive(*pairs: Tuple[str, Optional[float]]) -> None:
+    """Raise ValueError naming the flag of the first value that is not > 0 (None passes)."""
+    for flag, value in pairs:
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Adam(W) and the learning-rate schedule (Megatron's --lr-* flags).
+
+    Warmup is --lr-warmup-fraction of the decay length, or --lr-warmup-iters, or
+    --lr-warmup-tokens (token-based, Megatron-DeepSpeed); decay runs over --lr-decay-iters
+    (default: --train-iters) or --lr-decay-tokens when given.
+    """
+
+    lr: float                                       # --lr
+    min_lr: float = 0.0                             # --min-lr
+    weight_decay: float = 0.01                      # --weight-decay
+    adam_beta1: float = 0.9                         # --adam-beta1
+    adam_beta2: float = 0.999                       # --adam-beta2
+    adam_eps: float = 1e-8                          # --adam-eps
+    clip_grad: float = 1.0                          # --clip-grad (0 disables clipping)
+    lr_decay_style: str = "linear"                  # --lr-decay-style
+    lr_warmup_fraction: Optional[float] = None      # --lr-warmup-fraction
+    lr_warmup_iters: int = 0                        # --lr-warmup-iters
+    lr_warmup_tokens: Optional[int] = None          # --lr-warmup-tokens
+    lr_decay_iters: Optional[int] = None            # --lr-decay-iters (None: --train-iters)
+    lr_decay_tokens: Optional[int] = None           # --lr-decay-tokens
+    create_moe_param_group: bool = False            # --create-moe-param-group
+
+    def __post_init__(self) -> None:
+        if not self.lr >= 0:
+            raise ValueError(f"--lr must be >= 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr must be in [0, --lr {self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for flag, beta in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{flag} must be in [0, 1), got {beta}")
+        _check_positive(("--adam-eps", self.adam_eps))
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0 (0: no clipping), got {self.clip_grad}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}, "
+                             f"got {self.lr_decay_style!r}")
+        if self.lr_warmup_fraction is not None:
+            if not 0.0 <= self.lr_warmup_fraction <= 1.0:
+                raise ValueError(f"--lr-warmup-fraction must be in [0, 1], "
+                                 f"got {self.lr_warmup_fraction}")
+            if self.lr_warmup_iters > 0:
+                raise ValueError(f"--lr-warmup-fraction {self.lr_warmup_fraction} and "
+                                 f"--lr-warmup-iters {self.lr_warmup_iters}: give only one")
+        if self.lr_warmup_iters < 0:
+            raise ValueError(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        if self.lr_warmup_tokens is not None and self.lr_warmup_tokens < 0:
+            raise ValueError(f"--lr-warmup-tokens must be >= 0, got {self.lr_warmup_tokens}")
+        _check_positive(("--lr-decay-iters", self.lr_decay_iters),
+                        ("--lr-decay-tokens", self.lr_decay_tokens))
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Batch geometry, duration, evaluation cadence, precision and the distributed setup.
+
+    global_batch_size = micro_batch_size * data_parallel_size * gradient_accumulation_steps.
+    Training stops at --train-iters or --train-tokens, whichever comes first.
+    """
+
+    micro_batch_size: int                           # --micro-batch-size (per GPU)
+    global_batch_size: int                          # --global-batch-size
+    seq_length: int                                 # --seq-length
+    train_iters: Optional[int]                      # --train-iters
+    train_tokens: Optional[int]                     # --train-tokens
+    seed: int = 1234                                # --seed
+    eval_interval: int = 1000                       # --eval-interval
+    eval_iters: int = 100                           # --eval-iters (validation)
+    test_iters: Optional[int] = None                # --test-iters (None: --eval-iters)
+    eval_only: bool = False                         # --eval-only: evaluate, never train
+    exit_interval: Optional[int] = None             # --exit-interval
+    exit_duration_in_mins: Optional[float] = None   # --exit-duration-in-mins
+    fp16: bool = False                              # --fp16
+    bf16: bool = False                              # --bf16
+    zero_stage: int = 0                             # DeepSpeed JSON zero_optimization.stage
+    checkpoint_activations: bool = False            # --checkpoint-activations
+    distributed_backend: str = "gloo"               # --distributed-backend
+    data_parallel_size: int = 1                     # world size / (tensor * pipeline) = world size
+    deepspeed: bool = False                         # --deepspeed
+    deepspeed_config: Optional[str] = None          # --deepspeed_config (None: built from flags)
+    deepspeed_activation_checkpointing: bool = False  # --deepspeed-activation-checkpointing
+    loss_scale: Optional[float] = None              # --loss-scale (static; None: dynamic)
+    initial_loss_scale: float = 2.0 ** 32           # --initial-loss-scale (a power of 2)
+    min_loss_scale: float = 1.0                     # --min-loss-scale
+    loss_scale_window: int = 1000                   # --loss-scale-window
+    hysteresis: int = 2                             # --hysteresis
+    local_rank: Optional[int] = None                # --local_rank (from the launcher)
+
+    def __post_init__(self) -> None:
+        _check_positive(("--micro-batch-size", self.micro_batch_size),
+                        ("--global-batch-size", self.global_batch_size),
+                        ("--seq-length", self.seq_length), ("data-parallel size",
+                                                             self.data_parallel_size),
+                        ("--eval-interval", self.eval_interval),
+                        ("--train-iters", self.train_iters), ("--train-tokens", self.train_tokens),
+                        ("--exit-interval", self.exit_interval),
+                        ("--exit-duration-in-mins", self.exit_duration_in_mins),
+                        ("--loss-scale", self.loss_scale),
+                        ("--min-loss-scale", self.min_loss_scale),
+                        ("--loss-scale-window", self.loss_scale_window))
+        per_step = self.micro_batch_size * self.data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
+                f"{self.data_parallel_size} (= {per_step})")
+        if self.train_iters is None and self.train_tokens is None and not self.eval_only:
+            raise ValueError("give --train-iters or --train-tokens (or --eval-only)")
+        for flag, value in (("--eval-iters", self.eval_iters), ("--test-iters", self.test_iters),
+                            ("--hysteresis", self.hysteresis)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if self.fp16 and self.bf16:
+            raise ValueError("--fp16 and --bf16 are exclusive: give at most one")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"ZeRO stage {self.zero_stage} is not supported (0, 1 or 2)")
+        if self.distributed_backend not in DISTRIBUTED_BACKENDS:
+            raise ValueError(f"--distributed-backend must be one of {DISTRIBUTED_BACKENDS}, "
+                             f"got {self.distributed_backend!r}")
+        scale = self.initial_loss_scale
+        if not (scale >= 1 and math.log2(scale).is_integer()):
+            raise ValueError(f"--initial-loss-scale must be a power of 2 >= 1, got {scale}")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro batches each rank runs per optimizer step."""
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step consumes over all ranks."""
+        return self.global_batch_size * self.seq_length
+
+    @property
+    def params_dtype(self) -> str:
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from: mmap .bin/.idx prefixes (optionally weighted) and the tokenizer.
+
+    data_path keeps --data-path as given: ("PREFIX",) or ("W1", "P1", "W2", "P2", ...).
+    """
+
+    data_path: Tuple[str, ...]                      # --data-path
+    split: str = "969,30,1"                         # --split (train, valid, test)
+    data_cache_path: Optional[str] = None           # --data-cache-path (None: next to the data)
+    num_workers: int = 2                            # --num-workers (DataLoader workers)
+    tokenizer_type: str = "GPT2BPETokenizer"        # --tokenizer-type
+    vocab_file: Optional[str] = None                # --vocab-file
+    merge_file: Optional[str] = None                # --merge-file
+    make_vocab_size_divisible_by: int = 128         # --make-vocab-size-divisible-by
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_path", tuple(str(p) for p in self.data_path))
+        parse_data_path(list(self.data_path))       # raises naming --data-path
+        parse_split(self.split, 1000)               # raises naming --split
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        _check_positive(("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by))
+
+    @property
+    def prefixes(self) -> Tuple[str, ...]:
+        return tuple(parse_data_path(list(self.data_path))[0])
+
+    @property
+    def weights(self) -> Tuple[float, ...]:
+        """Normalised blending weights, one per prefix (1.0 for a single prefix)."""
+        return tuple(parse_data_path(list(self.data_path))[1])
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What the training loop prints and writes to TensorBoard."""
+
+    log_interval: int = 100                         # --log-interval (iterations)
+    tensorboard_dir: Optional[str] = None           # --tensorboard-dir (None: no TensorBoard)
+    tensorboard_log_interval: int = 1               # --tensorboard-log-interval
+    log_moe_stats: bool = True                      # --log-moe-stats / --no-log-moe-stats
+
+    def __post_init__(self) -> None:
+        _check_positive(("--log-interval", self.log_interval),
+                        ("--tensorboard-log-interval", self.tensorboard_log_interval))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where checkpoints are saved to and loaded from (Megatron layout)."""
+
+    save: Optional[str] = None                      # --save (directory)
+    load: Optional[str] = None                      # --load (directory; absent: start fresh)
+    save_interval: Optional[int] = None             # --save-interval (iterations)
+    no_save_optim: bool = False                     # --no-save-optim
+    no_save_rng: bool = False                       # --no-save-rng
+    no_load_optim: bool = False                     # --no-load-optim
+    no_load_rng: bool = False                       # --no-load-rng
+    finetune: bool = False                          # --finetune: load weights, iteration 0
+
+    def __post_init__(self) -> None:
+        _check_positive(("--save-interval", self.save_interval))
+        if self.save is not None and self.save_interval is None:
+            raise ValueError(f"--save {self.save!r} needs --save-interval")

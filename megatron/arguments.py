@@ -1,0 +1,484 @@
+"""The Megatron-spelled command line of `pretrain_gpt.py`, parsed and validated in one place.
+
+    args = parse_args(argv)                      # every flag the original XMoE launch script passes
+    validate_args(args, world_size)              # ValueError naming the flag; "not supported" ...
+    data = build_data_config(args)               # -> tokenizer -> padded vocabulary size
+    run = build_configs(args, padded_vocab_size) # RunConfig of small frozen dataclasses
+    ds = deepspeed_config_dict(run)              # the DeepSpeed JSON to hand to deepspeed
+
+This module is the only code that reads the argparse namespace; everything below the entry point
+takes a config from `megatron.config`. Flag names and defaults follow Megatron-DeepSpeed (e.g.
+--moe-loss-coeff 0.1, --initial-loss-scale 2**32, --split 969,30,1) and the XMoE fork's additions.
+
+Decisions (see each flag's help):
+- Router: at most one of --use-threshold (XMoE), --use-topk, --use-hash-layer. With none,
+  --topk 1 means switch (top-1) routing and --topk > 1 top-k routing (the XMoE fork's gate
+  without a router flag was DeepSpeed's top-k gate). --num-experts 1 is a dense model.
+- --sparse-mlp selected the fork's own MoE layer (its threshold / top-k / hash routers) instead
+  of DeepSpeed's MoE; here that is the only MoE layer, so the flag is accepted and changes nothing.
+- Not built, rejected with "not supported": tensor or pipeline parallelism > 1 (the fork ran
+  MoE with --no-pipeline-parallel, accepted as a no-op), --gate-view-num > 1 (the fork's router
+  emitted E * V logits and max-pooled the V views of each expert), --num-ffn-heads > 1 (the fork
+  split each token's hidden vector into heads routed separately), expert parallelism > 1 (issue
+  5), --data-impl lazy/cached, ZeRO stage 3, DeepSpeed curriculum learning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.config import (CheckpointConfig, DataConfig, GPTConfig, LoggingConfig, MoEConfig,
+                             OptimizerConfig, TrainingConfig, moe_layer_numbers)
+from megatron.data.dataset_split import parse_data_path, parse_split
+from megatron.deepspeed_config import (  # noqa: F401  (re-exported for the entry point)
+    check_deepspeed_args, deepspeed_config_dict, read_deepspeed_config)
+
+DEFAULT_THRESHOLD = 0.9          # the XMoE paper's threshold, used when --threshold is not given
+ROUTER_FLAGS = (("use_threshold", "--use-threshold", "threshold"),
+                ("use_topk", "--use-topk", "topk"),
+                ("use_hash_layer", "--use-hash-layer", "hash"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs, built once from the command line."""
+
+    model: GPTConfig
+    optimizer: OptimizerConfig
+    training: TrainingConfig
+    data: DataConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# parse_args
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse `argv` (default: sys.argv[1:]) with Megatron-DeepSpeed's flag names and defaults.
+
+    Only syntax is checked here (argparse exits on an unknown flag or a bad number);
+    `validate_args` checks meaning.
+    """
+    parser = argparse.ArgumentParser(description="GPT pretraining with XMoE layers",
+                                     allow_abbrev=False)
+    for add_group in (_add_model_args, _add_moe_args, _add_training_args, _add_optimizer_args,
+                      _add_data_args, _add_checkpoint_logging_args, _add_distributed_args):
+        add_group(parser)
+    return parser.parse_args(argv)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=None, help="Transformer layers (required).")
+    g.add_argument("--hidden-size", type=int, default=None, help="Hidden size (required).")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="Dense FFN hidden size (default 4 * --hidden-size).")
+    g.add_argument("--num-attention-heads", type=int, default=None, help="Required.")
+    g.add_argument("--seq-length", type=int, default=None, help="Tokens per sample (required).")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="Position table size, >= --seq-length (default --seq-length).")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--num-ffn-heads", type=int, default=1,
+                   help="XMoE fork: split tokens into this many heads routed separately; "
+                        "only 1 is supported.")
+
+
+def _add_moe_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, nargs="+", default=[1],
+                   help="Experts per MoE layer: one value, or one per MoE layer. 1 = dense.")
+    g.add_argument("--expert-interval", type=int, default=2,
+                   help="Layer L is MoE iff L > --no-moe-layer-num and "
+                        "(L - no_moe_layer_num) %% interval == 0.")
+    g.add_argument("--no-moe-layer-num", type=int, default=0,
+                   help="The first this-many layers are always dense.")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="Hidden size of each expert (default --ffn-hidden-size; XMoE: small).")
+    g.add_argument("--topk", type=int, default=1,
+                   help="k of top-k routing. Without a router flag, 1 = switch, > 1 = top-k. "
+                        "Ignored by --use-threshold (cap with --threshold-max-experts).")
+    g.add_argument("--use-threshold", action="store_true",
+                   help="XMoE threshold router: experts in probability order until their "
+                        "cumulative probability reaches --threshold.")
+    g.add_argument("--use-topk", action="store_true", help="Top-k router (--topk).")
+    g.add_argument("--use-hash-layer", action="store_true",
+                   help="Hash router: a frozen token-id -> expert map (seeded by --seed).")
+    g.add_argument("--threshold", type=float, default=None,
+                   help=f"Threshold in (0, 1] of --use-threshold (default {DEFAULT_THRESHOLD}).")
+    g.add_argument("--threshold-max-experts", type=int, default=None,
+                   help="Cap on experts per token of the threshold router (default none).")
+    g.add_argument("--moe-loss-coeff", type=float, default=0.1,
+                   help="Load-balancing loss coefficient (Megatron-DeepSpeed default 0.1).")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=0.0, help="Router z-loss.")
+    g.add_argument("--moe-train-capacity-factor", type=float, default=1.0)
+    g.add_argument("--moe-eval-capacity-factor", type=float, default=1.0)
+    g.add_argument("--moe-min-capacity", type=int, default=4)
+    g.add_argument("--disable-moe-token-dropping", action="store_false",
+                   dest="moe_token_dropping", help="No capacity limit: no token is dropped.")
+    g.add_argument("--create-moe-param-group", action="store_true",
+                   help="Put expert parameters in their own optimizer group.")
+    g.add_argument("--moe-expert-parallel-size", type=int, default=1,
+                   help="Expert-parallel degree; only 1 is supported yet (issue 5).")
+    g.add_argument("--moe-sync-free-dispatch", action="store_true",
+                   help="Dispatch into a static upper-bound buffer: no host sync per layer.")
+    g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default="auto",
+                   help="Expert compute: grouped GEMM, per-expert loop, or auto.")
+    g.add_argument("--sparse-mlp", action="store_true",
+                   help="XMoE fork: use its MoE layer rather than DeepSpeed's. That is the only "
+                        "MoE layer here, so this flag is accepted and changes nothing.")
+    g.add_argument("--gate-view-num", type=int, default=1,
+                   help="XMoE fork: router views max-pooled per expert; only 1 is supported.")
+    for flag in ("--use-base-layer", "--placeholder-expert", "--scale-moe"):
+        g.add_argument(flag, action="store_true", help="XMoE fork option; not supported.")
+    g.add_argument("--mlp-type", choices=("standard", "residual"), default="standard",
+                   help="Megatron-DeepSpeed residual MoE is not supported.")
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="Per GPU (required).")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Samples per optimizer step (default micro batch x data-parallel size).")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="Stop after this many tokens (with --train-iters: whichever first).")
+    g.add_argument("--eval-only", action="store_true", help="Evaluate only, no training.")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--test-iters", type=int, default=None,
+                   help="Iterations of the final test evaluation (default --eval-iters).")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="Recompute each layer's activations in the backward pass.")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None, help="Static; default dynamic.")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+
+
+def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer and learning rate")
+    g.add_argument("--lr", type=float, default=None, help="Peak learning rate (required).")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Default --train-iters.")
+    g.add_argument("--lr-decay-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="Warmup as a fraction of the decay length (not with --lr-warmup-iters).")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX, or WEIGHT PREFIX pairs; each PREFIX.bin/.idx must exist.")
+    g.add_argument("--split", default="969,30,1", help="Train, valid, test proportions.")
+    g.add_argument("--data-impl", choices=("mmap", "infer", "lazy", "cached"), default="infer",
+                   help="Only Megatron's mmap format is supported (infer reads it).")
+    g.add_argument("--data-cache-path", default=None,
+                   help="Where index caches go (default next to the data).")
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--tokenizer-type", default="GPT2BPETokenizer",
+                   choices=("GPT2BPETokenizer", "BertWordPieceLowerCase", "BertWordPieceCase"))
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+
+
+def _add_checkpoint_logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    for flag in ("--no-save-optim", "--no-save-rng", "--no-load-optim", "--no-load-rng",
+                 "--finetune"):
+        g.add_argument(flag, action="store_true")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--log-moe-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="Log per-layer routing statistics (experts per token, drops, balance).")
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("distributed and DeepSpeed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Only 1.")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Only 1.")
+    g.add_argument("--no-pipeline-parallel", action="store_true",
+                   help="Accepted; there is no pipeline-parallel engine here.")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                   help="Default nccl with CUDA, else gloo.")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, dest="local_rank",
+                   help="Passed by the deepspeed / torch launchers.")
+    g.add_argument("--deepspeed", action="store_true", help="Train with the DeepSpeed engine.")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   dest="deepspeed_config",
+                   help="DeepSpeed JSON (default: built from these flags); cross-checked.")
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true")
+    g.add_argument("--zero-stage", type=int, default=None,
+                   help="ZeRO stage 0-2 when no --deepspeed_config gives one (default 0).")
+
+
+# ----------------------------------------------------------------------------------------------
+# validate_args
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Raise ValueError naming the flag for anything unbuilt or inconsistent.
+
+    On success it fills Megatron's derived defaults on `args` (--global-batch-size: micro batch
+    x data-parallel size; --max-position-embeddings: --seq-length) and records what
+    build_configs needs: world_size, data_parallel_size (= world_size: no tensor or pipeline
+    parallelism), router, zero_stage (flag, JSON or 0) and distributed_backend (resolved).
+    """
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    _check_not_supported(args)
+    _check_model(args)
+    _check_expert_parallel(args, world_size)
+    router = _resolve_router(args)
+    _check_training(args, world_size)
+    _check_data(args)
+    zero_stage = check_deepspeed_args(args, world_size)
+    args.world_size = world_size
+    args.data_parallel_size = world_size
+    args.router = router
+    args.zero_stage = zero_stage
+    args.distributed_backend = _resolve_backend(args.distributed_backend)
+
+
+def _check_not_supported(args: argparse.Namespace) -> None:
+    """Features the XMoE fork or Megatron-DeepSpeed had that are not built here."""
+    for flag, value in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+                        ("--gate-view-num", args.gate_view_num),
+                        ("--num-ffn-heads", args.num_ffn_heads)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+        if value > 1:
+            raise ValueError(f"{flag} {value} is not supported (only 1)")
+    if args.data_impl not in ("mmap", "infer"):
+        raise ValueError(f"--data-impl {args.data_impl} is not supported (only mmap)")
+    if args.tokenizer_type != "GPT2BPETokenizer":
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported "
+                         "(only GPT2BPETokenizer)")
+    if args.mlp_type != "standard":
+        raise ValueError(f"--mlp-type {args.mlp_type} is not supported (only standard)")
+    for flag in ("--use-base-layer", "--placeholder-expert", "--scale-moe"):
+        if getattr(args, flag[2:].replace("-", "_")):
+            raise ValueError(f"{flag} is not supported")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length"):
+        if getattr(args, flag[2:].replace("-", "_")) is None:
+            raise ValueError(f"{flag} is required")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                         f"{args.max_position_embeddings}")
+    if args.expert_interval < 1:
+        raise ValueError(f"--expert-interval must be >= 1, got {args.expert_interval}")
+    if any(e < 1 for e in args.num_experts):
+        raise ValueError(f"--num-experts values must be >= 1, got {args.num_experts}")
+    moe_layers = moe_layer_numbers(args.num_layers, args.expert_interval, args.no_moe_layer_num)
+    if len(args.num_experts) != 1 and len(args.num_experts) != len(moe_layers):
+        raise ValueError(f"--num-experts takes one value or one per MoE layer; layers "
+                         f"{list(moe_layers)} are MoE ({len(moe_layers)}), got "
+                         f"{len(args.num_experts)} values {args.num_experts}")
+    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
+
+
+def _check_expert_parallel(args: argparse.Namespace, world_size: int) -> None:
+    ep = args.moe_expert_parallel_size
+    if ep < 1:
+        raise ValueError(f"--moe-expert-parallel-size must be >= 1, got {ep}")
+    if ep == 1:
+        return
+    problem = "; it would also need "
+    uneven = [e for e in args.num_experts if e % ep]
+    if uneven:
+        problem += f"--num-experts {args.num_experts} divisible by it"
+    elif world_size % ep:
+        problem += f"a world size divisible by it (world size is {world_size})"
+    else:
+        problem = f" for now, although world size {world_size} and --num-experts fit; use 1"
+    raise ValueError(f"--moe-expert-parallel-size {ep} is not supported yet "
+                     f"(expert parallelism: issue 5){problem}")
+
+
+def _resolve_router(args: argparse.Namespace) -> str:
+    """The router: the one router flag given, else switch (--topk 1) or top-k (--topk > 1)."""
+    given = [(flag, router) for attr, flag, router in ROUTER_FLAGS if getattr(args, attr)]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(f for f, _ in given)}: give at most one router flag")
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    if args.threshold_max_experts is not None and args.threshold_max_experts < 1:
+        raise ValueError(f"--threshold-max-experts must be >= 1, got {args.threshold_max_experts}")
+    if given:
+        return given[0][1]
+    return "switch" if args.topk == 1 else "topk"
+
+
+def _check_training(args: argparse.Namespace, world_size: int) -> None:
+    if args.micro_batch_size is None or args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size is required and must be >= 1, "
+                         f"got {args.micro_batch_size}")
+    per_step = args.micro_batch_size * world_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size < 1 or args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not a positive "
+                         f"multiple of --micro-batch-size {args.micro_batch_size} x data-parallel "
+                         f"size {world_size} (= {per_step})")
+    if args.train_iters is None and args.train_tokens is None and not args.eval_only:
+        raise ValueError("give --train-iters or --train-tokens (or --eval-only)")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 are exclusive: give at most one")
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters > 0:
+        raise ValueError(f"--lr-warmup-fraction {args.lr_warmup_fraction} and --lr-warmup-iters "
+                         f"{args.lr_warmup_iters}: give only one")
+    if args.lr is None and not args.eval_only:
+        raise ValueError("--lr is required for training")
+    if args.distributed_backend == "nccl" and not _cuda_available():
+        raise ValueError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    if not args.data_path:
+        raise ValueError("--data-path is required")
+    prefixes, _ = parse_data_path(args.data_path)
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ValueError(f"--data-path: {prefix}{ext} not found")
+    parse_split(args.split, 1000)
+    for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
+        if path is None:
+            raise ValueError(f"{flag} is required for --tokenizer-type {args.tokenizer_type}")
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag}: {path} not found")
+
+
+def _resolve_backend(backend: Optional[str]) -> str:
+    if backend is not None:
+        return backend
+    return "nccl" if _cuda_available() else "gloo"
+
+
+def _cuda_available() -> bool:
+    import torch  # lazily: parsing and validating flags needs no torch otherwise
+
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------
+# build_configs
+
+
+def build_data_config(args: argparse.Namespace) -> DataConfig:
+    """The data config alone: the entry point builds the tokenizer (hence the padded vocabulary
+    size build_configs needs) from it."""
+    return DataConfig(
+        data_path=tuple(args.data_path or ()), split=args.split,
+        data_cache_path=args.data_cache_path, num_workers=args.num_workers,
+        tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+
+
+def build_configs(args: argparse.Namespace, padded_vocab_size: int) -> RunConfig:
+    """Turn a validated namespace into the run's frozen configs (the only reader of `args`)."""
+    if not hasattr(args, "router"):
+        raise ValueError("call validate_args(args, world_size) before build_configs")
+    return RunConfig(model=_model_config(args, padded_vocab_size),
+                     optimizer=_optimizer_config(args), training=_training_config(args),
+                     data=build_data_config(args), logging=_logging_config(args),
+                     checkpoint=_checkpoint_config(args))
+
+
+def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig:
+    ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    moe = MoEConfig(
+        router=args.router, ffn_hidden_size=args.moe_ffn_hidden_size or ffn_hidden_size,
+        topk=args.topk,
+        threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+        threshold_max_experts=args.threshold_max_experts,
+        train_capacity_factor=args.moe_train_capacity_factor,
+        eval_capacity_factor=args.moe_eval_capacity_factor,
+        min_capacity=args.moe_min_capacity, drop_tokens=args.moe_token_dropping,
+        aux_loss_coeff=args.moe_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
+        hash_seed=args.seed, vocab_size=padded_vocab_size,
+        expert_impl=args.moe_expert_impl, sync_free=args.moe_sync_free_dispatch)
+    return GPTConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, padded_vocab_size=padded_vocab_size,
+        max_position_embeddings=args.max_position_embeddings, ffn_hidden_size=ffn_hidden_size,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, layernorm_epsilon=args.layernorm_epsilon,
+        params_dtype="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        num_experts=tuple(args.num_experts), expert_interval=args.expert_interval,
+        no_moe_layer_num=args.no_moe_layer_num, moe=moe,
+        checkpoint_activations=args.checkpoint_activations)
+
+
+def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(
+        lr=0.0 if args.lr is None else args.lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
+        lr_warmup_fraction=args.lr_warmup_fraction, lr_warmup_iters=args.lr_warmup_iters,
+        lr_warmup_tokens=args.lr_warmup_tokens, lr_decay_iters=args.lr_decay_iters,
+        lr_decay_tokens=args.lr_decay_tokens, create_moe_param_group=args.create_moe_param_group)
+
+
+def _training_config(args: argparse.Namespace) -> TrainingConfig:
+    return TrainingConfig(
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length, train_iters=args.train_iters, train_tokens=args.train_tokens,
+        seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        test_iters=args.test_iters, eval_only=args.eval_only, exit_interval=args.exit_interval,
+        exit_duration_in_mins=args.exit_duration_in_mins, fp16=args.fp16, bf16=args.bf16,
+        zero_stage=args.zero_stage, checkpoint_activations=args.checkpoint_activations,
+        distributed_backend=args.distributed_backend,
+        data_parallel_size=args.data_parallel_size, deepspeed=args.deepspeed,
+        deepspeed_config=args.deepspeed_config,
+        deepspeed_activation_checkpointing=args.deepspeed_activation_checkpointing,
+        loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=int(args.loss_scale_window),
+        hysteresis=args.hysteresis, local_rank=args.local_rank)
+
+
+def _logging_config(args: argparse.Namespace) -> LoggingConfig:
+    return LoggingConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+                         tensorboard_log_interval=args.tensorboard_log_interval,
+                         log_moe_stats=args.log_moe_stats)
+
+
+def _checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
+    return CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
+                            no_save_optim=args.no_save_optim, no_save_rng=args.no_save_rng,
+                            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+                            finetune=args.finetune)
