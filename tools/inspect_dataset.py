@@ -22,7 +22,6 @@ import numpy as np  # noqa: E402
 
 from megatron.data.index_check import check_dataset, repair_index  # noqa: E402
 from megatron.data.indexed_dataset import (  # noqa: E402
-    IndexedDatasetError,
     LegacyEodLayoutWarning,
     MMapIndexedDataset,
 )

@@ -144,6 +144,10 @@ def capacity_and_counts(experts_TK: torch.Tensor, wanted_TK: torch.Tensor,
         raise ValueError(f"capacity must be >= 0 (set by the capacity factors and "
                          f"--moe-min-capacity), got {capacity}")
     num_tokens, num_slots = experts_TK.shape
+    if capacity >= num_tokens:
+        # A token's slots name distinct experts, so no expert is wanted by more than T pairs:
+        # capacity cannot bind, and the sort below would only confirm that.
+        return wanted_TK.clone(), count_per_expert(experts_TK, wanted_TK, num_experts)
     device = experts_TK.device
     slot_1K = torch.arange(num_slots, device=device)
     group_TK = torch.where(wanted_TK, experts_TK * num_slots + slot_1K,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron.config import GPTConfig, MoEConfig
-from megatron.model import GPTModel, GPTOutput, validate_inputs
+from megatron.model import GPTModel, validate_inputs
 
 Params = Dict[str, torch.Tensor]
 

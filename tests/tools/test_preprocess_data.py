@@ -20,6 +20,7 @@ import pytest
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.preprocess.config import PreprocessConfig
 from megatron.data.preprocess.inputs import _file_chunks
+from megatron.data.preprocess import piece_cache
 from megatron.data.preprocess.piece_cache import PieceCachedTokenizer, split_segments
 from tests.tokenizer.gpt2_reference import ReferenceGPT2Tokenizer, train_tiny_bpe
 
@@ -256,6 +257,144 @@ def test_piece_cache_equals_reference_on_adversarial_text(tiny_vocab):
     for _ in range(2):                       # cold, then warm
         assert cached.tokenize_batch(texts) == [ref.encode(t) for t in texts]
     assert all("".join(split_segments(t)) == t for t in texts)
+
+
+class ReferenceTokenizer:
+    """What the segment caches use of a tokenizer (`inv_vocab`, `tokenize`), from the reference;
+    records every string it is asked to tokenize."""
+
+    def __init__(self, ref: ReferenceGPT2Tokenizer):
+        self.ref = ref
+        self.inv_vocab = {i: s for s, i in ref.encoder.items()}
+        self.calls = []
+
+    def tokenize(self, text):
+        self.calls.append(text)
+        return self.ref.encode(text)
+
+
+def compiled_module():
+    module = piece_cache.compiled_segment_cache()
+    if module is None:
+        pytest.skip("C++ segment cache not built (pip install -e .) or XMOE_NO_CPP=1")
+    return module
+
+
+def adversarial_texts(seed: int, n: int):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ADVERSARIAL) for _ in range(rng.randint(0, 25)))
+            for _ in range(n)] + [" " * 50, "x" + " " * 7 + "y", "", " ", "  x", " x", "x "]
+
+
+def test_compiled_is_space_is_str_isspace():
+    module = compiled_module()
+    assert all(module.is_space(c) == chr(c).isspace() for c in range(sys.maxunicode + 1))
+
+
+def test_compiled_cuts_equal_python_cuts():
+    module = compiled_module()
+    texts = adversarial_texts(7, 4000) + ["a\uffff b", " \uffff", "x \uffff  y"]
+    assert [module.split_segments(t) for t in texts] == [split_segments(t) for t in texts]
+
+
+def test_compiled_cache_equals_reference_and_python_path(tiny_vocab):
+    """Cold and warm, in batches of 1 to 60 texts, with a tiny cache (cleared between batches):
+    the C++ path's ids equal the reference's and the Python path's, array for array."""
+    _, _, ref = tiny_vocab
+    module = compiled_module()
+    texts = adversarial_texts(3, 3000) + ["a\uffff b", " \uffff", "x \uffff  y"]
+    want = [ref.encode(t) for t in texts]
+    rng = random.Random(4)
+    for max_cached in (40, piece_cache.MAX_CACHED):
+        compiled = piece_cache.CompiledSegmentTokenizer(ReferenceTokenizer(ref), module,
+                                                        max_cached=max_cached)
+        python = PieceCachedTokenizer(ReferenceTokenizer(ref), max_cached=max_cached)
+        for _ in range(2):                   # cold, then warm
+            start = 0
+            while start < len(texts):
+                batch = texts[start:start + rng.randint(1, 60)]
+                ids, lengths = compiled.encode_batch(batch)
+                assert ids.dtype == np.int32 and lengths.dtype == np.int64
+                py_ids, py_lengths = python.encode_batch(batch)
+                assert np.array_equal(ids, py_ids) and np.array_equal(lengths, py_lengths)
+                assert compiled.tokenize_batch(batch) == want[start:start + len(batch)]
+                start += len(batch)
+        # cleared before a batch once past max_cached: never more than one batch beyond it
+        most_per_batch = 60 * max(len(split_segments(t)) for t in texts)
+        assert 0 < len(compiled._cache) <= max_cached + most_per_batch
+
+
+def test_compiled_cache_tokenizes_first_segments_alone(tiny_vocab):
+    """A text's first segment may start with whitespace; joined after another segment it would
+    pre-tokenize differently, so it gets its own call; every later segment is joined."""
+    _, _, ref = tiny_vocab
+    tok = ReferenceTokenizer(ref)
+    compiled = piece_cache.CompiledSegmentTokenizer(tok, compiled_module())
+    texts = [" ", "  x", "\n y", "a b", " c"]
+    assert compiled.tokenize_batch(texts) == [ref.encode(t) for t in texts]
+    assert tok.calls == [" ", "\n", "a", " x y b c"]   # " " twice a first segment: once
+    tok.calls.clear()
+    assert compiled.tokenize_batch(texts) == [ref.encode(t) for t in texts]
+    assert tok.calls == []                   # warm: no call at all
+
+
+def test_compiled_cache_rejects_what_it_cannot_encode(tiny_vocab):
+    _, _, ref = tiny_vocab
+    compiled = piece_cache.CompiledSegmentTokenizer(ReferenceTokenizer(ref), compiled_module())
+    with pytest.raises(ValueError, match="text 1 is not valid Unicode"):
+        compiled.encode_batch(["ok", "half \ud800 pair"])
+    with pytest.raises(TypeError, match="text 0 is not a str"):
+        compiled.encode_batch([b"bytes"])
+    assert compiled.tokenize_batch(["ok now"]) == [ref.encode("ok now")]
+
+
+def test_no_cpp_env_selects_python_path(tiny_vocab, monkeypatch):
+    _, _, ref = tiny_vocab
+    monkeypatch.setenv("XMOE_NO_CPP", "1")
+    assert piece_cache.compiled_segment_cache() is None
+    assert isinstance(piece_cache.segment_cached_tokenizer(ReferenceTokenizer(ref)),
+                      PieceCachedTokenizer)
+
+
+@pytest.mark.parametrize("append_eod", [True, False])
+def test_encode_texts_matches_per_document_lists(tiny_vocab, append_eod):
+    """ChunkEncoder's array bookkeeping against the per-document loop it replaced: empty
+    sentences dropped, documents without ids skipped (by reason), EOD after the last sequence."""
+    from megatron.data.preprocess.encode import (EMPTY_TEXT, NO_TOKENS, ChunkEncoder,
+                                                 EncoderSettings)
+    vocab, merges, ref = tiny_vocab
+    encoder = ChunkEncoder(EncoderSettings(("text",), "GPT2BPETokenizer", vocab, merges, 128,
+                                           append_eod, False, False))
+    encoder.splitter = lambda text: text.split("|") if text != "-" else []
+    texts = ["One|two", "", "|", "-", "a||b|", "Caf\u00e9 \U0001F600", "x"]
+    eod = ref.encoder["<|endoftext|>"]
+    seqs, counts = [], []
+    for text in texts:
+        doc = [ref.encode(s) for s in encoder.splitter(text) if ref.encode(s)]
+        if doc:
+            doc[-1] += [eod] if append_eod else []
+            seqs += doc
+            counts.append(len(doc))
+    out = encoder._encode_texts(texts)
+    assert out.tokens.dtype == np.uint16
+    assert out.tokens.tolist() == [i for s in seqs for i in s]
+    assert out.seq_lengths.tolist() == [len(s) for s in seqs]
+    assert out.doc_seq_counts.tolist() == counts
+    assert out.skipped == {EMPTY_TEXT: 1, NO_TOKENS: 2}
+    empty = encoder._encode_texts([])
+    assert len(empty.tokens) == len(empty.seq_lengths) == len(empty.doc_seq_counts) == 0
+
+
+def test_tool_output_same_with_and_without_compiled_cache(tmp_path, tiny_vocab):
+    vocab, merges, ref = tiny_vocab
+    texts = DOCS + adversarial_texts(9, 300)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    for name, no_cpp in (("cpp", "0"), ("python", "1")):
+        env = dict(os.environ, XMOE_NO_CPP=no_cpp)
+        proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / name, "--append-eod",
+                                             "--workers", 2), env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert_dataset(f"{tmp_path}/{name}_text_document", expected(ref, texts))
 
 
 # --------------------------------------------------------------------------- bad input

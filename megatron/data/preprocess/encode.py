@@ -103,10 +103,12 @@ class ChunkEncoder:
             raise PreprocessError(
                 f"cannot build tokenizer {settings.tokenizer_type!r}: {e}") from None
         self.dtype = np.dtype(best_fitting_dtype(self.tokenizer.vocab_size))
-        self.tokenize_batch = self.tokenizer.tokenize_batch
+        from megatron.data.preprocess import piece_cache
         if settings.tokenizer_type == "GPT2BPETokenizer":
-            from megatron.data.preprocess.piece_cache import PieceCachedTokenizer
-            self.tokenize_batch = PieceCachedTokenizer(self.tokenizer).tokenize_batch
+            self.encode_batch = piece_cache.segment_cached_tokenizer(self.tokenizer).encode_batch
+        else:
+            self.encode_batch = lambda texts: piece_cache.flatten(
+                self.tokenizer.tokenize_batch(texts))
         self.splitter = None
         if settings.split_sentences:
             from megatron.data.preprocess.sentences import load_sentence_splitter
@@ -136,29 +138,30 @@ class ChunkEncoder:
         """Tokenize one key's documents: each non-empty one becomes 1+ sequences (+ EOD)."""
         if self.splitter is not None:
             sentences = [self.splitter(t) for t in texts]
+            flat = list(chain.from_iterable(sentences))
+            per_doc = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
         else:
-            sentences = [[t] for t in texts]
-        flat = list(chain.from_iterable(sentences))
-        ids = self.tokenize_batch(flat) if flat else []
-        eod = self.tokenizer.eod if self.settings.append_eod else None
-        kept: List[List[int]] = []
-        seq_counts: List[int] = []
-        skipped = {EMPTY_TEXT: 0, NO_TOKENS: 0}
-        pos = 0
-        for text, doc_sentences in zip(texts, sentences):
-            doc = [s for s in ids[pos:pos + len(doc_sentences)] if len(s) > 0]
-            pos += len(doc_sentences)
-            if not doc:      # Megatron writes nothing, not even an end of document
-                skipped[EMPTY_TEXT if text == "" else NO_TOKENS] += 1
-                continue
-            if eod is not None:
-                doc[-1] = list(doc[-1]) + [eod]
-            kept.extend(doc)
-            seq_counts.append(len(doc))
-        lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
-        tokens = np.fromiter(chain.from_iterable(kept), dtype=self.dtype,
-                             count=int(lengths.sum()))
-        return KeyOutput(tokens, lengths, np.asarray(seq_counts, dtype=np.int64), skipped)
+            flat, per_doc = list(texts), np.ones(len(texts), dtype=np.int64)
+        if flat:
+            ids, lengths = self.encode_batch(flat)
+        else:
+            ids, lengths = np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64)
+        # Sequences without ids are dropped; a document left with none writes nothing, not
+        # even an end of document (as Megatron does).
+        nonempty = lengths > 0
+        doc_of_seq = np.repeat(np.arange(len(texts)), per_doc)
+        seq_counts = np.bincount(doc_of_seq[nonempty], minlength=len(texts))
+        written = seq_counts > 0
+        n_empty = sum(1 for text, w in zip(texts, written.tolist()) if not w and text == "")
+        skipped = {EMPTY_TEXT: n_empty, NO_TOKENS: int((~written).sum()) - n_empty}
+        seq_counts = seq_counts[written].astype(np.int64)
+        lengths = lengths[nonempty]
+        tokens = ids.astype(self.dtype, copy=False)   # ids < vocab_size fit the dtype
+        if self.settings.append_eod and len(lengths):
+            last_seq = np.cumsum(seq_counts) - 1      # each written document's last sequence
+            tokens = np.insert(tokens, np.cumsum(lengths)[last_seq], self.tokenizer.eod)
+            lengths[last_seq] += 1
+        return KeyOutput(tokens, lengths, seq_counts, skipped)
 
 
 def parse_line(raw: bytes, keys: Sequence[str]) -> Optional[Tuple[str, ...]]:

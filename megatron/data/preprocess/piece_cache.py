@@ -13,10 +13,15 @@ set of words, so nearly every segment is a dict hit and only new strings reach t
 
 The ids are therefore those the original tool writes (tests compare with the pure-Python
 reference on adversarial text).
+
+`segment_cached_tokenizer` gives the same algorithm compiled (segment_cache.cpp, built by
+`pip install -e .`: cutting, caches and the batch's flat id array in C++, misses still tokenized
+in Python) when the extension is built and XMOE_NO_CPP is not 1, else `PieceCachedTokenizer`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from itertools import chain, filterfalse, islice
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -79,11 +84,14 @@ class PieceCachedTokenizer:
         self._max_cached = max_cached
         self._first: Dict[str, Tuple[int, ...]] = {}    # a text's first segment, raw
         self._spaced: Dict[str, Tuple[int, ...]] = {}   # segment " " + key (hidden spaces)
-        inv = tokenizer.inv_vocab
-        self._token_nbytes = np.array([len(inv[i]) for i in range(len(inv))], dtype=np.int64)
+        self._token_nbytes = token_nbytes(tokenizer)
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self._ids(text) for text in texts]
+
+    def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [sum(lengths)], lengths int64 [len(texts)]): the texts' ids back to back."""
+        return flatten(self.tokenize_batch(texts))
 
     def _ids(self, text: str) -> List[int]:
         parts = split_parts(text)
@@ -133,3 +141,56 @@ class PieceCachedTokenizer:
         for (cache, key), cut in zip(keys, cuts.tolist()):
             cache[key] = tuple(ids[start:cut])
             start = cut
+
+
+def token_nbytes(tokenizer) -> np.ndarray:
+    """Bytes each id stands for: its number of GPT-2 symbols (one symbol is one byte)."""
+    inv = tokenizer.inv_vocab
+    return np.array([len(inv[i]) for i in range(len(inv))], dtype=np.int64)
+
+
+def flatten(ids: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids int32, lengths int64) of per-text id lists."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def compiled_segment_cache():
+    """The C++ `_segment_cache` module; None when it is not built or XMOE_NO_CPP=1."""
+    if os.environ.get("XMOE_NO_CPP") == "1":
+        return None
+    try:
+        from megatron.data.preprocess import _segment_cache
+    except ImportError:
+        return None
+    return _segment_cache
+
+
+class CompiledSegmentTokenizer:
+    """`PieceCachedTokenizer` with cutting, caches and output arrays in C++.
+
+    Per batch, the new segments go back to Python in few `tokenize` calls: each new first
+    segment alone (what precedes it would change its pre-tokens) and all new later segments
+    joined (each starts with " " + non-space, so every junction is an exact cut).
+    """
+
+    def __init__(self, tokenizer, module, max_cached: int = MAX_CACHED):
+        self._tokenize = tokenizer.tokenize
+        self._cache = module.SegmentCache(token_nbytes(tokenizer), max_cached)
+
+    def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [sum(lengths)], lengths int64 [len(texts)]): the texts' ids back to back."""
+        return self._cache.encode_batch(list(texts), self._tokenize)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        ids, lengths = self.encode_batch(texts)
+        return [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] if len(texts) else []
+
+
+def segment_cached_tokenizer(tokenizer, max_cached: int = MAX_CACHED):
+    """The compiled segment cache when built (see `compiled_segment_cache`), else the Python one."""
+    module = compiled_segment_cache()
+    if module is None:
+        return PieceCachedTokenizer(tokenizer, max_cached)
+    return CompiledSegmentTokenizer(tokenizer, module, max_cached)

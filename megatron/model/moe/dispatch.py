@@ -198,8 +198,16 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_PD, weight_P, token_idx_P, bag_rows_J, bag_offsets_B, num_tokens):
         ctx.save_for_backward(y_PD, weight_P, token_idx_P)
         bag_weights_J = weight_P.index_select(0, bag_rows_J)
-        out_BD = F.embedding_bag(bag_rows_J, y_PD.float(), bag_offsets_B, mode="sum",
-                                 per_sample_weights=bag_weights_J)
+        if y_PD.is_cuda and y_PD.element_size() < 4:
+            # CUDA's embedding_bag accumulates 16-bit rows in fp32 (acc_type) and rounds once
+            # at the end, so bf16 rows need no fp32 copy of the whole [P, D] buffer (the
+            # sync-free buffer is ~8 T rows); the weights are rounded to bf16 for the kernel,
+            # an error (2^-9 relative) no larger than that of the bf16 rows themselves.
+            out_BD = F.embedding_bag(bag_rows_J, y_PD, bag_offsets_B, mode="sum",
+                                     per_sample_weights=bag_weights_J.to(y_PD.dtype))
+        else:
+            out_BD = F.embedding_bag(bag_rows_J, y_PD.float(), bag_offsets_B, mode="sum",
+                                     per_sample_weights=bag_weights_J)
         return out_BD[:num_tokens]
 
     @staticmethod

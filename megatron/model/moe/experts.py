@@ -100,36 +100,56 @@ class Experts(nn.Module):
 
     def forward_grouped(self, x_PD: torch.Tensor, group_offsets_E: torch.Tensor,
                         valid_P: Optional[torch.Tensor]) -> torch.Tensor:
-        """Two grouped GEMMs. mat_a [P, K] x mat_b [E, K, N] with offs = cumulative row ends."""
+        """Two grouped GEMMs. mat_a [P, K] x mat_b [E, K, N] with offs = cumulative row ends.
+
+        Biases ride inside the GEMMs: each input row gets a column of ones (padded with zeros
+        to a multiple of 8 columns, grouped_mm's 16-byte stride rule for bf16) and each
+        weight the bias as an extra row, so h = [x, 1, 0..] @ [w1; b1; 0..] = x @ w1 + b1 with
+        the bias added in the GEMM's fp32 accumulator. The bias gradients then come out of
+        grouped_mm's weight gradient, which sums each group's rows only: no per-row bias
+        tensor, no [P, E] one-hot GEMM, and padding rows (garbage past offs[-1]) never meet an
+        arithmetic bias reduction, so only the input and output need masking.
+        """
         dtype = torch.bfloat16 if x_PD.is_cuda else self.w1.dtype
         offs = group_offsets_E.to(torch.int32)
         x = x_PD.to(dtype)
         if valid_P is not None:
             # grouped_mm leaves output rows past offs[-1] uninitialised, forward AND backward
-            # (dL/dx rows, bias gradients): torch.where (not a multiply: 0 * NaN = NaN) at the
-            # input, the pre-activation and the output keeps them out of every gradient.
+            # (dL/dx rows): torch.where (not a multiply: 0 * NaN = NaN) at the input and the
+            # output gives exact zeros there, values and gradients.
             x = _mask_rows(x, valid_P)
-        h = torch._grouped_mm(x, self.w1.to(dtype), offs=offs)
-        onehot_PE = None
-        if self.b1 is not None:
-            # Per-row expert bias as onehot [P, E] @ b [E, N]: a tiny GEMM whose backward sums
-            # each group's gradient rows on tensor cores. (Gathering b1[expert_P] instead
-            # backpropagates through an indexing kernel that serialises the ~P/E duplicate
-            # indices of each expert: milliseconds on an H200.) Rows past the last group get
-            # expert id E, an all-zero one-hot row.
-            rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
-            expert_P = torch.searchsorted(offs, rows, right=True)
-            experts = torch.arange(self.num_experts, device=x.device, dtype=expert_P.dtype)
-            onehot_PE = (expert_P[:, None] == experts[None, :]).to(dtype)
-            h = h + onehot_PE @ self.b1.to(dtype)
-        if valid_P is not None:
-            h = _mask_rows(h, valid_P)
-        y = torch._grouped_mm(F.gelu(h), self.w2.to(dtype), offs=offs)
-        if onehot_PE is not None:
-            y = y + onehot_PE @ self.b2.to(dtype)
+        h = torch._grouped_mm(_with_ones(x, self.b1), _with_bias(self.w1, self.b1, dtype),
+                              offs=offs)
+        a = _with_ones(F.gelu(h), self.b2)
+        y = torch._grouped_mm(a, _with_bias(self.w2, self.b2, dtype), offs=offs)
         if valid_P is not None:
             y = _mask_rows(y, valid_P)
         return y.to(x_PD.dtype)
+
+
+def _bias_pad(n: int) -> int:
+    """Columns appended for the bias trick: a ones column, then zeros to a multiple of 8."""
+    return 8 - n % 8
+
+
+def _with_ones(x_PK: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """[x, 1, 0, ..] (x unchanged without bias)."""
+    if bias is None:
+        return x_PK
+    pad = x_PK.new_zeros(x_PK.shape[0], _bias_pad(x_PK.shape[1]))
+    pad[:, 0] = 1
+    return torch.cat([x_PK, pad], dim=1)
+
+
+def _with_bias(w_EKN: torch.Tensor, bias_EN: Optional[torch.Tensor],
+               dtype: torch.dtype) -> torch.Tensor:
+    """[w; b; 0; ..] stacked along K, in `dtype` (w unchanged without bias)."""
+    w = w_EKN.to(dtype)
+    if bias_EN is None:
+        return w
+    E, K, N = w_EKN.shape
+    zeros = w.new_zeros(E, _bias_pad(K) - 1, N)
+    return torch.cat([w, bias_EN.to(dtype)[:, None, :], zeros], dim=1)
 
 
 def _mask_rows(x_PN: torch.Tensor, valid_P: torch.Tensor) -> torch.Tensor:
