@@ -137,7 +137,7 @@ def profile_step(step: Callable[[], None], name: str) -> None:
         step()
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(f"--- profile: {name}")
-    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
 # ----------------------------------------------------------------------------- setup
