@@ -1,0 +1,216 @@
+"""Crash-safe training checkpoints around a DeepSpeed engine, in Megatron-DeepSpeed's layout.
+
+    save_dir/iter_0000100/mp_rank_00_model_states.pt     (DeepSpeed: model, optimizer if not ZeRO,
+    save_dir/iter_0000100/zero_pp_rank_*_optim_states.pt  our client state; ZeRO partitions)
+    save_dir/latest_checkpointed_iteration.txt            (Megatron's pointer: "100\\n")
+
+A save writes everything under a temporary tag `tmp_iter_0000100`; after all ranks finished
+(barrier) rank 0 fsyncs it and renames it to `iter_0000100`, and only then moves the pointer
+(temporary file + os.replace). A crash at any point therefore leaves the pointer naming the last
+complete checkpoint. DeepSpeed stores no paths or tag names inside its files, so the renamed tag
+loads like any other. Assumes `save_dir` is one filesystem shared by all ranks (as Megatron does).
+
+Our state travels in DeepSpeed's client_state: iteration, consumed samples, the LR scheduler (kept
+outside the engine: DeepSpeed would step it without the token count), the RNG states of every
+rank (gathered to rank 0, which writes the file), the arguments and a format version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch.distributed as dist
+
+from megatron.random_state import get_rng_state, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"     # Megatron's pointer file
+_TMP_PREFIX = "tmp_"        # a save in progress (or one a crash interrupted)
+_OLD_PREFIX = "old_"        # a complete checkpoint being replaced by a new save of its iteration
+
+
+def checkpoint_tag(iteration: int) -> str:
+    """Megatron's directory name: iter_0000100."""
+    return f"iter_{iteration:07d}"
+
+
+def tracker_path(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, TRACKER_FILENAME)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    """Flush every file and directory under root (files first, then their directories)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def _gather_rng_states() -> List[Dict[str, Any]]:
+    """Every rank's RNG state, indexed by global rank (all ranks must call)."""
+    state = get_rng_state()
+    if _world_size() == 1:
+        return [state]
+    states: List[Any] = [None] * _world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _publish(save_dir: str, tmp_tag: str, tag: str, iteration: int) -> None:
+    """Rank 0: make tmp_tag durable, rename it to tag, then move the pointer to iteration."""
+    tmp_dir, final_dir = os.path.join(save_dir, tmp_tag), os.path.join(save_dir, tag)
+    _fsync_tree(tmp_dir)
+    old_dir = None
+    if os.path.exists(final_dir):       # saving the same iteration again: keep the old one aside
+        old_dir = os.path.join(save_dir, _OLD_PREFIX + tag)
+        shutil.rmtree(old_dir, ignore_errors=True)
+        os.rename(final_dir, old_dir)
+    os.rename(tmp_dir, final_dir)
+    _fsync_path(save_dir)
+    pointer, pointer_tmp = tracker_path(save_dir), tracker_path(save_dir) + ".tmp"
+    with open(pointer_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, pointer)
+    _fsync_path(save_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir)
+
+
+def save_checkpoint(engine: Any, iteration: int, consumed_samples: int, lr_scheduler: Any,
+                    args_dict: Dict[str, Any], save_dir: str, save_rng: bool = True) -> str:
+    """Save a checkpoint of iteration `iteration`; all ranks call. Returns its directory.
+
+    engine: a DeepSpeed engine (model and optimizer; its own lr_scheduler should be None).
+    lr_scheduler: megatron.learning_rates.LRScheduler or None. args_dict: the run's arguments.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    tag = checkpoint_tag(iteration)
+    tmp_tag = _TMP_PREFIX + tag
+    if _rank() == 0:        # a save of this iteration a crash interrupted leaves debris
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(save_dir, tmp_tag), ignore_errors=True)
+    _barrier()
+    client_state = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "opt_param_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "rng_state": _gather_rng_states() if save_rng else None,
+        "args": dict(args_dict or {}),
+    }
+    engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    _barrier()              # every rank's files are written (DeepSpeed's save ends with one too)
+    if _rank() == 0:
+        _publish(save_dir, tmp_tag, tag, iteration)
+        logger.info("saved checkpoint %s", os.path.join(save_dir, tag))
+    _barrier()              # nobody returns before the pointer names the new checkpoint
+    return os.path.join(save_dir, tag)
+
+
+def read_tracker(load_dir: str) -> Optional[str]:
+    """The tag the pointer names ("iter_0000100" or "release"), or None without a pointer."""
+    path = tracker_path(load_dir)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if text == "release":
+        return "release"
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise ValueError(f"{path} must hold one integer iteration (or 'release'), got "
+                         f"{text!r}") from None
+    if iteration < 0:
+        raise ValueError(f"{path} holds a negative iteration {iteration}")
+    return checkpoint_tag(iteration)
+
+
+def _resolve_tag_dir(load_dir: str, tag: str) -> None:
+    """Rank 0 puts back a complete checkpoint a crash left aside while replacing it."""
+    final_dir, old_dir = os.path.join(load_dir, tag), os.path.join(load_dir, _OLD_PREFIX + tag)
+    if _rank() == 0 and not os.path.isdir(final_dir) and os.path.isdir(old_dir):
+        logger.warning("restoring %s from an interrupted re-save (%s)", final_dir, old_dir)
+        os.rename(old_dir, final_dir)
+    _barrier()
+    if not os.path.isdir(final_dir):
+        raise FileNotFoundError(f"{tracker_path(load_dir)} names checkpoint {tag!r}, but "
+                                f"{final_dir} does not exist")
+
+
+def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    finetune: bool = False) -> Optional[Tuple[int, int]]:
+    """Restore the checkpoint the pointer names; all ranks call.
+
+    Returns (iteration, consumed_samples), or None (start fresh) when load_dir or its pointer
+    file does not exist. finetune loads the model weights only and returns (0, 0).
+    """
+    if load_dir is None or not os.path.isdir(load_dir):
+        logger.warning("no checkpoint directory %r: starting from scratch", load_dir)
+        return None
+    tag = read_tracker(load_dir)
+    if tag is None:
+        logger.warning("no %s in %s: starting from scratch", TRACKER_FILENAME, load_dir)
+        return None
+    _resolve_tag_dir(load_dir, tag)
+    path, client = engine.load_checkpoint(load_dir, tag=tag,
+                                          load_optimizer_states=load_optimizer and not finetune,
+                                          load_lr_scheduler_states=False,
+                                          load_module_only=finetune)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
+    version = client.get("checkpoint_version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{os.path.join(load_dir, tag)} has checkpoint format version "
+                         f"{version!r}; this code reads version {CHECKPOINT_VERSION}")
+    if finetune:
+        return 0, 0
+    if lr_scheduler is not None and client.get("opt_param_scheduler") is not None:
+        lr_scheduler.load_state_dict(client["opt_param_scheduler"])
+    if load_rng:
+        _restore_rng(client.get("rng_state"), os.path.join(load_dir, tag))
+    logger.info("loaded checkpoint %s", os.path.join(load_dir, tag))
+    return int(client["iteration"]), int(client["consumed_samples"])
+
+
+def _restore_rng(states: Optional[List[Dict[str, Any]]], where: str) -> None:
+    if not states:
+        logger.warning("%s holds no RNG state (saved with --no-save-rng?): RNGs not restored",
+                       where)
+        return
+    rank = _rank()
+    if len(states) != _world_size():
+        logger.warning("%s holds RNG states of %d ranks, the job has %d: every rank takes "
+                       "rank 0's", where, len(states), _world_size())
+        rank = 0
+    set_rng_state(states[rank])
