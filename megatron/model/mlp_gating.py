@@ -4,8 +4,8 @@ Letters: T tokens, E experts, K choice slots per token (an upper bound: threshol
 a different number of slots per token, given by the `wanted_TK` mask).
 
 Every router is a pure function of the fp32 router logits (plus explicit noise / token ids)
-returning a `RoutingDecision`. CONTRACT (filled in by the routers helper; do not change fields
-without updating megatron/model/moe/*):
+returning a `RoutingDecision`. Its contract (consumed by megatron/model/moe/*; change both
+together):
 
 - Choice slots are ordered: slot k = 0 is each token's first choice (its most probable expert
   for threshold / top-k / switch, its hashed expert for hash routing). `wanted_TK` is a prefix
