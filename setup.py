@@ -31,6 +31,7 @@ setup(
         "pybind11",
         # Compiled GPT-2 byte-level BPE engine (exact merge-rank semantics); see README.
         "tokenizers>=0.15",
+        "tensorboard",  # --tensorboard-dir (torch.utils.tensorboard.SummaryWriter)
     ],
     extras_require={
         "test": ["pytest>=7"],

@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""The main job on an embedded default, offline: corpus -> BPE vocabulary -> mmap dataset.
+"""The main job on an embedded default, offline: corpus -> vocabulary -> dataset -> tiny XMoE GPT.
 
 1. builds a small English corpus (loose JSON) from the Python standard library's docstrings;
 2. trains a GPT-2-format byte-level BPE vocabulary on it (`tools/train_bpe_vocab.py`);
 3. preprocesses it with `tools/preprocess_data.py --append-eod --workers 2`;
-4. checks the dataset (`tools/inspect_dataset.py --check`) and decodes a document.
-Training on it arrives with `pretrain_gpt.py`; every step here is a tool users run themselves.
+4. checks the dataset (`tools/inspect_dataset.py --check`) and decodes a document;
+5. trains a tiny XMoE GPT on it with `pretrain_gpt.py` (4 layers, hidden 128, 8 experts of 128
+   in layers 2 and 4, threshold routing at 0.9), evaluating on the validation and test splits
+   (on CPU here; on a machine with a GPU the same command runs there);
+6. prints a summary parsed from the training log: first and last lm loss, validation and test
+   loss and perplexity, and how many experts a token used as training went on.
+Every step is a tool users run themselves; the training command is printed in full.
+`--quick` shortens everything (the test suite runs it).
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
@@ -25,13 +34,27 @@ if REPO not in sys.path:
 from megatron.data.demo_corpus import build_docstring_corpus  # noqa: E402
 from train_bpe_vocab import train_bpe_vocab  # noqa: E402
 
+# The tiny model: XMoE's shape in miniature (small experts, every 2nd layer, threshold 0.9).
+TINY_MODEL = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
+              "--seq-length", "128", "--max-position-embeddings", "128",
+              "--num-experts", "8", "--expert-interval", "2", "--moe-ffn-hidden-size", "128",
+              "--use-threshold", "--threshold", "0.9", "--moe-loss-coeff", "0.01",
+              "--moe-train-capacity-factor", "4.0", "--moe-eval-capacity-factor", "4.0",
+              "--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
+FULL = {"corpus_mb": 4.0, "vocab_size": 4096, "train_iters": 400}
+QUICK = {"corpus_mb": 0.3, "vocab_size": 600, "train_iters": 60}
+
 
 def _run(step: str, cmd: list) -> None:
-    shown = ["python"] + [os.path.relpath(c) if os.path.isabs(c) else c for c in cmd[1:]]
-    print(f"\n== {step}: {' '.join(shown)}", flush=True)
+    print(f"\n== {step}: {_shown(cmd)}", flush=True)
     result = subprocess.run(cmd)
     if result.returncode != 0:
         raise SystemExit(f"demo.py: {step} failed with exit code {result.returncode}")
+
+
+def _shown(cmd: list) -> str:
+    return " ".join(["python"] + [os.path.relpath(c) if os.path.isabs(c) else c
+                                  for c in cmd[1:]])
 
 
 def _show_first_tokens(dataset: str, vocab: str, merges: str, n: int = 40) -> None:
@@ -45,17 +68,8 @@ def _show_first_tokens(dataset: str, vocab: str, merges: str, n: int = 40) -> No
     print(f"\n== first {n} tokens of document 0: {ids}\n   as text pieces: {pieces}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default="demo_output")
-    parser.add_argument("--corpus-mb", type=float, default=4.0)
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
-    t0 = time.time()
-
+def build_dataset(args: argparse.Namespace) -> Tuple[str, str, str]:
+    """Steps 1-4: corpus, vocabulary, mmap dataset, checks. Returns (dataset, vocab, merges)."""
     docs = build_docstring_corpus(max_bytes=int(args.corpus_mb * 1e6), seed=args.seed)
     corpus = os.path.join(args.out_dir, "corpus.jsonl")
     with open(corpus, "w", encoding="utf-8") as f:
@@ -75,7 +89,152 @@ def main(argv=None) -> int:
     _run("inspect", [sys.executable, os.path.join(TOOLS, "inspect_dataset.py"), dataset])
     _run("check", [sys.executable, os.path.join(TOOLS, "inspect_dataset.py"), dataset, "--check"])
     _show_first_tokens(dataset, vocab, merges)
-    print(f"\ndemo finished in {time.time() - t0:.1f} s; dataset prefix: {prefix}_text_document")
+    return dataset, vocab, merges
+
+
+def training_command(args: argparse.Namespace, dataset: str, vocab: str, merges: str) -> list:
+    """pretrain_gpt.py on one process: Megatron's flags, no DeepSpeed JSON (built from them)."""
+    iters = args.train_iters
+    log_interval = max(1, iters // 20)
+    eval_interval = max(1, iters // 4)
+    return [sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *TINY_MODEL,
+            "--micro-batch-size", "8", "--global-batch-size", "8", "--train-iters", str(iters),
+            "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+            "--lr-warmup-iters", str(max(1, iters // 20)), "--weight-decay", "0.1",
+            "--adam-beta2", "0.95", "--clip-grad", "1.0", "--seed", str(args.seed),
+            "--data-path", dataset, "--vocab-file", vocab, "--merge-file", merges,
+            "--split", "80,10,10", "--num-workers", "0",
+            "--log-interval", str(log_interval), "--eval-interval", str(eval_interval),
+            "--eval-iters", "10", "--test-iters", "20",
+            "--save", os.path.join(args.out_dir, "checkpoint"), "--save-interval", str(iters)]
+
+
+def run_training(cmd: list, log_path: str) -> List[str]:
+    """Run pretrain_gpt.py, echoing and saving its output; its lines, or SystemExit on failure."""
+    print(f"\n== train: {_shown(cmd)}", flush=True)
+    lines = []
+    with open(log_path, "w", encoding="utf-8") as log, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=REPO) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            lines.append(line.rstrip("\n"))
+    if proc.returncode != 0:
+        raise SystemExit(f"demo.py: training failed with exit code {proc.returncode} "
+                         f"(log: {log_path})")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# reading Megatron's log lines
+
+ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+)\s*\|.*?\blm loss: ([-+0-9.eEnaif]+)")
+MOE_RE = re.compile(r"moe layer (\d+): experts/token wanted ([0-9.]+) used ([0-9.]+) \| "
+                    r"dropped ([0-9.]+)%")
+EVAL_RE = re.compile(r"\b(validation|test) loss at (?:iteration \d+|[^|]*?)\s*\| "
+                     r"lm loss value: ([-+0-9.eEnaif]+) \| lm loss PPL: ([-+0-9.eEnaif]+)")
+
+
+@dataclass
+class TrainingLog:
+    """What the summary needs from the log: per logged iteration the lm loss and the MoE layers'
+    (wanted, used, dropped %) experts per token; the evaluations in order."""
+
+    losses: Dict[int, float] = field(default_factory=dict)
+    moe: Dict[int, Dict[int, Tuple[float, float, float]]] = field(default_factory=dict)
+    evals: List[Tuple[str, float, float]] = field(default_factory=list)
+
+    def last_eval(self, what: str) -> Optional[Tuple[float, float]]:
+        found = [(loss, ppl) for w, loss, ppl in self.evals if w == what]
+        return found[-1] if found else None
+
+
+def parse_log(lines: List[str]) -> TrainingLog:
+    log, iteration = TrainingLog(), None
+    for line in lines:
+        if m := ITERATION_RE.search(line):
+            iteration = int(m.group(1))
+            log.losses[iteration] = float(m.group(3))
+        elif (m := MOE_RE.search(line)) and iteration is not None:
+            log.moe.setdefault(iteration, {})[int(m.group(1))] = \
+                (float(m.group(2)), float(m.group(3)), float(m.group(4)))
+        elif m := EVAL_RE.search(line):
+            log.evals.append((m.group(1), float(m.group(2)), float(m.group(3))))
+    return log
+
+
+def summary_lines(log: TrainingLog, seconds: float) -> List[str]:
+    """The demo's closing summary (raises SystemExit if the log lacks the lines it needs)."""
+    if not log.losses:
+        raise SystemExit("demo.py: no 'iteration ... | lm loss: X |' line in the training log")
+    its = sorted(log.losses)
+    first, last = its[0], its[-1]
+    out = [f"training: {last} iterations in {seconds:.0f} s",
+           f"lm loss: {log.losses[first]:.3f} (iteration {first}) -> {log.losses[last]:.3f} "
+           f"(iteration {last})"]
+    for what in ("validation", "test"):
+        found = log.last_eval(what)
+        out.append(f"{what}: lm loss {found[0]:.3f}, PPL {found[1]:.1f}" if found
+                   else f"{what}: not in the log")
+    if log.moe:
+        logged = sorted(log.moe)
+        picks = sorted({logged[round(k * (len(logged) - 1) / 4)] for k in range(5)})
+        out.append("experts per token (wanted -> used after capacity, dropped %), per MoE layer:")
+        for it in picks:
+            layers = "  ".join(f"layer {L}: {w:.2f} -> {u:.2f} ({d:.1f}%)"
+                               for L, (w, u, d) in sorted(log.moe[it].items()))
+            out.append(f"  iteration {it:5d}  {layers}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="demo_output")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"shortened run: {QUICK} unless given explicitly")
+    parser.add_argument("--corpus-mb", type=float, default=None,
+                        help=f"corpus size (default {FULL['corpus_mb']})")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"BPE vocabulary size (default {FULL['vocab_size']})")
+    parser.add_argument("--train-iters", type=int, default=None,
+                        help=f"training iterations (default {FULL['train_iters']}); 0 skips "
+                             "training")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.train_iters < 0:
+        parser.error(f"--train-iters must be >= 0, got {args.train_iters}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    t0 = time.time()
+    dataset, vocab, merges = build_dataset(args)
+    print(f"\ndataset ready in {time.time() - t0:.1f} s; prefix: {dataset}")
+    if args.train_iters == 0:
+        return 0
+
+    t1 = time.time()
+    lines = run_training(training_command(args, dataset, vocab, merges),
+                         os.path.join(args.out_dir, "train.log"))
+    summary = summary_lines(parse_log(lines), time.time() - t1)
+    print("\n== summary: tiny XMoE GPT (4 layers, hidden 128, 8 experts of 128 in layers 2 "
+          "and 4, threshold 0.9)")
+    for line in summary:
+        print(f"   {line}")
+    print(f"\ndemo finished in {time.time() - t0:.1f} s; log: "
+          f"{os.path.join(args.out_dir, 'train.log')}, checkpoint: "
+          f"{os.path.join(args.out_dir, 'checkpoint')}")
     return 0
 
 

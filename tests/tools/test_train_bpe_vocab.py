@@ -1,6 +1,8 @@
 """tools/train_bpe_vocab.py and tools/demo.py: a trained vocabulary loads and round-trips."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,14 +65,25 @@ def test_cli_names_bad_line(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """A shortened main job: corpus -> vocabulary -> preprocess -> check."""
+    """The shortened main job: corpus -> vocabulary -> preprocess -> check -> tiny XMoE training
+    through pretrain_gpt.py -> validation and test evaluation -> summary."""
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, str(REPO / "tools" / "demo.py"), "--out-dir", str(out),
-                        "--corpus-mb", "0.3", "--vocab-size", "600"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+                        "--quick"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
     assert "is consistent" in r.stdout
     ds = MMapIndexedDataset(str(out / "demo_text_document"))
     assert len(ds) >= 5 and ds.num_tokens > 10_000
     eod = json.loads((out / "vocab" / "vocab.json").read_text(encoding="utf-8"))["<|endoftext|>"]
     assert all(int(ds.get(i)[-1]) == eod for i in range(len(ds)))
+
+    summary = r.stdout[r.stdout.index("== summary"):]
+    first, last = map(float, re.search(r"lm loss: ([0-9.]+) \(iteration \d+\) -> ([0-9.]+)",
+                                       summary).groups())
+    assert last < first - 0.5, summary
+    for what in ("validation", "test"):
+        loss, ppl = map(float, re.search(rf"{what}: lm loss ([0-9.]+), PPL ([0-9.]+)",
+                                         summary).groups())
+        assert 0 < loss < first and ppl == pytest.approx(math.exp(loss), rel=0.01), summary
+    assert re.search(r"iteration +\d+ +layer 2: [0-9.]+ -> [0-9.]+ \([0-9.]+%\)", summary)
+    assert (out / "train.log").is_file()

@@ -1,0 +1,136 @@
+# Shared launch logic of the ds_pretrain_gpt_*.sh scripts in this folder; sourced, not run.
+#
+# The calling script sets the cluster / path / model / training variables (see any of them) and
+# MOE_OPTIONS (a bash array, empty for a dense model), then sources this file, which
+#   1. fills ds_config_gpt_TEMPLATE.json with `sed` into ${OUTPUT_DIR}/ds_config_${RUN_NAME}.json
+#      (batch sizes, ZeRO stage, precision, clipping and loss scaling from the same variables
+#      as the flags, so pretrain_gpt.py's cross-check of the JSON against the flags passes);
+#   2. assembles the pretrain_gpt.py command line;
+#   3. launches it with `deepspeed` (default) or `torchrun` (LAUNCHER=torchrun), logging to
+#      ${OUTPUT_DIR}/log/, or with DRY_RUN=1 prints the shell-quoted command and exits.
+
+REPO_DIR="$(cd "${SCRIPT_DIR}/../.." && pwd)"
+
+case "${LAUNCHER}" in
+    deepspeed|torchrun) ;;
+    *) echo "LAUNCHER must be deepspeed or torchrun, got '${LAUNCHER}'" >&2; exit 2 ;;
+esac
+case "${PRECISION}" in
+    bf16) FP16_ENABLED=false; BF16_ENABLED=true; precision_options=(--bf16) ;;
+    fp16) FP16_ENABLED=true; BF16_ENABLED=false
+          precision_options=(--fp16 --initial-loss-scale "$((2 ** INITIAL_SCALE_POWER))"
+                             --loss-scale-window "${LOSS_SCALE_WINDOW}"
+                             --hysteresis "${HYSTERESIS}" --min-loss-scale "${MIN_LOSS_SCALE}") ;;
+    fp32) FP16_ENABLED=false; BF16_ENABLED=false; precision_options=() ;;
+    *) echo "PRECISION must be bf16, fp16 or fp32, got '${PRECISION}'" >&2; exit 2 ;;
+esac
+if [[ "${LAUNCHER}" == deepspeed && "${NUM_NODES}" -gt 1 && -z "${HOSTFILE}" ]]; then
+    echo "NUM_NODES=${NUM_NODES} with the deepspeed launcher needs HOSTFILE" \
+         "(see hostfile.example), or use LAUNCHER=torchrun on every node" >&2
+    exit 2
+fi
+
+# Data loading, the JSON and checkpoints are read by every rank: with several nodes OUTPUT_DIR
+# and the data must be on a shared filesystem (or at the same paths on every node).
+WORLD_SIZE_TOTAL=$((NUM_GPUS * NUM_NODES))
+TRAIN_ITERS=$(( (TRAIN_TOKENS + GLOBAL_BATCH_SIZE * SEQ_LEN - 1) / (GLOBAL_BATCH_SIZE * SEQ_LEN) ))
+RUN_TIME="$(date "+%Y.%m.%d-%H.%M.%S")"
+HOST="${HOSTNAME:-$(hostname)}"
+CHECKPOINT_PATH="${OUTPUT_DIR}/checkpoint/${RUN_NAME}"   # no timestamp: rerunning resumes from it
+TENSORBOARD_DIR="${OUTPUT_DIR}/tensorboard/${RUN_NAME}_${HOST}_${RUN_TIME}"
+LOG_FILE="${OUTPUT_DIR}/log/${RUN_NAME}_${HOST}_${RUN_TIME}.log"
+CONFIG_JSON="${OUTPUT_DIR}/ds_config_${RUN_NAME}.json"
+
+mkdir -p "${OUTPUT_DIR}"
+sed -e "s/CONFIG_BATCH_SIZE/${GLOBAL_BATCH_SIZE}/" \
+    -e "s/CONFIG_MBSIZE/${MICRO_BATCH_SIZE}/" \
+    -e "s/ZERO_STAGE/${ZERO_STAGE}/" \
+    -e "s/CONFIG_CLIP_GRAD/${CLIP_GRAD}/" \
+    -e "s/PRESCALE_GRAD/${PRESCALE_GRAD}/" \
+    -e "s/CONFIG_FP16_ENABLED/${FP16_ENABLED}/" \
+    -e "s/CONFIG_BF16_ENABLED/${BF16_ENABLED}/" \
+    -e "s/CONFIG_LOSS_SCALE_WINDOW/${LOSS_SCALE_WINDOW}/" \
+    -e "s/CONFIG_HYSTERESIS/${HYSTERESIS}/" \
+    -e "s/CONFIG_MIN_LOSS_SCALE/${MIN_LOSS_SCALE}/" \
+    -e "s/CONFIG_INITIAL_SCALE_POWER/${INITIAL_SCALE_POWER}/" \
+    "${SCRIPT_DIR}/ds_config_gpt_TEMPLATE.json" > "${CONFIG_JSON}"
+
+# DATA_PATH stays unquoted below: it may be a blend, "W1 PREFIX1 W2 PREFIX2" (no spaces in paths).
+gpt_options=(
+    --num-layers "${NUM_LAYERS}"
+    --hidden-size "${HIDDEN_SIZE}"
+    --ffn-hidden-size "${FFN_HIDDEN_SIZE}"
+    --num-attention-heads "${NUM_ATTN_HEADS}"
+    --seq-length "${SEQ_LEN}"
+    --max-position-embeddings "${SEQ_LEN}"
+    --init-method-std "${INIT_STD}"
+    --num-experts "${NUM_EXPERTS}"
+    "${MOE_OPTIONS[@]}"
+    --micro-batch-size "${MICRO_BATCH_SIZE}"
+    --global-batch-size "${GLOBAL_BATCH_SIZE}"
+    --train-tokens "${TRAIN_TOKENS}"
+    --train-iters "${TRAIN_ITERS}"
+    --lr "${LR}"
+    --min-lr "${MIN_LR}"
+    --lr-decay-style cosine
+    --lr-warmup-tokens "${WARMUP_TOKENS}"
+    --lr-decay-tokens "${LR_DECAY_TOKENS}"
+    --adam-beta1 0.9
+    --adam-beta2 0.95
+    --weight-decay 0.1
+    --clip-grad "${CLIP_GRAD}"
+    "${precision_options[@]}"
+    --seed "${SEED}"
+    --data-path ${DATA_PATH}
+    --vocab-file "${VOCAB_PATH}"
+    --merge-file "${MERGE_PATH}"
+    --data-impl mmap
+    --split "${SPLIT}"
+    --num-workers "${NUM_WORKERS}"
+    --log-interval "${LOG_INTERVAL}"
+    --eval-interval "${EVAL_INTERVAL}"
+    --eval-iters "${EVAL_ITERS}"
+    --test-iters "${TEST_ITERS}"
+    --save "${CHECKPOINT_PATH}"
+    --load "${CHECKPOINT_PATH}"
+    --save-interval "${SAVE_INTERVAL}"
+    --tensorboard-dir "${TENSORBOARD_DIR}"
+    --deepspeed
+    --deepspeed_config "${CONFIG_JSON}"
+    --zero-stage "${ZERO_STAGE}"
+)
+if [[ "${ACTIVATION_CHECKPOINT}" == true ]]; then
+    gpt_options+=(--checkpoint-activations)
+fi
+
+if [[ "${LAUNCHER}" == deepspeed ]]; then
+    # `deepspeed` starts NUM_GPUS processes on each of NUM_NODES hosts (the first NUM_NODES of
+    # HOSTFILE, reached with pdsh/ssh) and passes --local_rank to each.
+    launcher=(deepspeed --num_gpus "${NUM_GPUS}" --num_nodes "${NUM_NODES}"
+              --master_port "${MASTER_PORT}")
+    if [[ -n "${HOSTFILE}" ]]; then
+        launcher+=(--hostfile "${HOSTFILE}")
+    fi
+elif [[ "${NUM_NODES}" -eq 1 ]]; then
+    launcher=(torchrun --standalone --nnodes 1 --nproc_per_node "${NUM_GPUS}")
+else
+    # torchrun does not ssh anywhere: run this script on every node with its NODE_RANK.
+    launcher=(torchrun --nnodes "${NUM_NODES}" --nproc_per_node "${NUM_GPUS}"
+              --node_rank "${NODE_RANK}" --master_addr "${MASTER_ADDR}"
+              --master_port "${MASTER_PORT}")
+fi
+cmd=("${launcher[@]}" "${REPO_DIR}/pretrain_gpt.py" "${gpt_options[@]}")
+
+if [[ "${DRY_RUN}" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+
+mkdir -p "${OUTPUT_DIR}/log" "${TENSORBOARD_DIR}"
+echo "${RUN_NAME}: ${WORLD_SIZE_TOTAL} processes (${NUM_NODES} node(s) x ${NUM_GPUS})," \
+     "log ${LOG_FILE}"
+printf '%q ' "${cmd[@]}" | tee "${LOG_FILE}"
+printf '\n' | tee -a "${LOG_FILE}"
+cd "${REPO_DIR}"
+"${cmd[@]}" 2>&1 | tee -a "${LOG_FILE}"
