@@ -62,7 +62,10 @@ INITIAL_SCALE_POWER=${INITIAL_SCALE_POWER:-11}  # fp16 dynamic loss scaling: the
 LOSS_SCALE_WINDOW=${LOSS_SCALE_WINDOW:-500}
 HYSTERESIS=${HYSTERESIS:-2}
 MIN_LOSS_SCALE=${MIN_LOSS_SCALE:-1}
-ZERO_STAGE=${ZERO_STAGE:-0}                  # 0, 1 or 2
+# fp16 needs ZeRO >= 1 here: with DeepSpeed 0.19.8 at stage 0 the fp16 loss is never scaled
+# while gradients are unscaled (deepspeedai/DeepSpeed#8393), so pretrain_gpt.py refuses it.
+if [[ "${PRECISION}" == fp16 ]]; then ZERO_DEFAULT=1; else ZERO_DEFAULT=0; fi
+ZERO_STAGE=${ZERO_STAGE:-${ZERO_DEFAULT}}     # 0, 1 or 2
 if [[ "${ZERO_STAGE}" -gt 0 ]]; then PRESCALE_DEFAULT=false; else PRESCALE_DEFAULT=true; fi
 PRESCALE_GRAD=${PRESCALE_GRAD:-${PRESCALE_DEFAULT}}
 ACTIVATION_CHECKPOINT=${ACTIVATION_CHECKPOINT:-false}  # true: recompute layers in backward
