@@ -233,7 +233,12 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
                    dest="deepspeed_config",
                    help="DeepSpeed JSON (default: built from these flags); cross-checked.")
-    g.add_argument("--deepspeed-activation-checkpointing", action="store_true")
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                   help="Accepted for Megatron-DeepSpeed scripts. There it makes "
+                        "--checkpoint-activations use DeepSpeed's checkpointing, which differs "
+                        "only by partitioning activations across tensor-parallel ranks; with "
+                        "tensor parallel size 1 that is torch's, used by --checkpoint-activations. "
+                        "Alone it recomputes nothing, as in Megatron-DeepSpeed.")
     g.add_argument("--zero-stage", type=int, default=None,
                    help="ZeRO stage 0-2 when no --deepspeed_config gives one (default 0).")
 
