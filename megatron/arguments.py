@@ -19,8 +19,10 @@ Decisions (see each flag's help):
 - Not built, rejected with "not supported": tensor or pipeline parallelism > 1 (the fork ran
   MoE with --no-pipeline-parallel, accepted as a no-op), --gate-view-num > 1 (the fork's router
   emitted E * V logits and max-pooled the V views of each expert), --num-ffn-heads > 1 (the fork
-  split each token's hidden vector into heads routed separately), expert parallelism > 1 (issue
-  5), --data-impl lazy/cached, ZeRO stage 3, DeepSpeed curriculum learning.
+  split each token's hidden vector into heads routed separately), --data-impl lazy/cached,
+  ZeRO stage 3, DeepSpeed curriculum learning.
+- --moe-expert-parallel-size N (the fork accepted it and kept every expert on every rank): each
+  MoE layer's experts are split E / N per rank over DeepSpeed's expert-parallel groups.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--create-moe-param-group", action="store_true",
                    help="Put expert parameters in their own optimizer group.")
     g.add_argument("--moe-expert-parallel-size", type=int, default=1,
-                   help="Expert-parallel degree; only 1 is supported yet (issue 5).")
+                   help="Expert-parallel size N: each rank holds E / N experts of every MoE "
+                        "layer (N must divide --num-experts and the world size).")
     g.add_argument("--moe-sync-free-dispatch", action="store_true",
                    help="Dispatch into a static upper-bound buffer: no host sync per layer.")
     g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default="auto",
@@ -321,16 +324,17 @@ def _check_expert_parallel(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError(f"--moe-expert-parallel-size must be >= 1, got {ep}")
     if ep == 1:
         return
-    problem = "; it would also need "
-    uneven = [e for e in args.num_experts if e % ep]
+    uneven = [e for e in args.num_experts if e > 1 and e % ep]
     if uneven:
-        problem += f"--num-experts {args.num_experts} divisible by it"
-    elif world_size % ep:
-        problem += f"a world size divisible by it (world size is {world_size})"
-    else:
-        problem = f" for now, although world size {world_size} and --num-experts fit; use 1"
-    raise ValueError(f"--moe-expert-parallel-size {ep} is not supported yet "
-                     f"(expert parallelism: issue 5){problem}")
+        raise ValueError(f"--moe-expert-parallel-size {ep} must divide --num-experts "
+                         f"{' '.join(map(str, args.num_experts))} (each MoE layer's experts are "
+                         "split evenly over the expert-parallel ranks)")
+    if world_size % ep:
+        raise ValueError(f"--moe-expert-parallel-size {ep} must divide the world size "
+                         f"({world_size} processes)")
+    if args.moe_sync_free_dispatch:
+        raise ValueError(f"--moe-sync-free-dispatch cannot be combined with "
+                         f"--moe-expert-parallel-size {ep} (the exchange needs host split sizes)")
 
 
 def _resolve_router(args: argparse.Namespace) -> str:
@@ -436,7 +440,8 @@ def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig
         min_capacity=args.moe_min_capacity, drop_tokens=args.moe_token_dropping,
         aux_loss_coeff=args.moe_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
         hash_seed=args.seed, vocab_size=padded_vocab_size,
-        expert_impl=args.moe_expert_impl, sync_free=args.moe_sync_free_dispatch)
+        expert_impl=args.moe_expert_impl, sync_free=args.moe_sync_free_dispatch,
+        expert_parallel_size=args.moe_expert_parallel_size)
     return GPTConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, padded_vocab_size=padded_vocab_size,

@@ -13,6 +13,11 @@ loads like any other. Assumes `save_dir` is one filesystem shared by all ranks (
 Our state travels in DeepSpeed's client_state: iteration, consumed samples, the LR scheduler (kept
 outside the engine: DeepSpeed would step it without the token count), the RNG states of every
 rank (gathered to rank 0, which writes the file), the arguments and a format version.
+
+With expert parallelism the experts of ranks other than 0 are not in DeepSpeed's model file: the
+tag directory also holds one shard file per expert-parallel rank and a layout file
+(megatron/expert_checkpoint.py); a load under another expert-parallel size is refused with the
+conversion command.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megatron.expert_checkpoint import (check_layout, load_expert_shard,
+                                        refresh_master_weights, save_expert_shard, write_layout)
 from megatron.random_state import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -82,7 +89,7 @@ def _gather_rng_states() -> List[Dict[str, Any]]:
     return states
 
 
-def _publish(save_dir: str, tmp_tag: str, tag: str, iteration: int) -> None:
+def publish_checkpoint_dir(save_dir: str, tmp_tag: str, tag: str, iteration: int) -> None:
     """Rank 0: make tmp_tag durable, rename it to tag, then move the pointer to iteration."""
     tmp_dir, final_dir = os.path.join(save_dir, tmp_tag), os.path.join(save_dir, tag)
     _fsync_tree(tmp_dir)
@@ -105,11 +112,13 @@ def _publish(save_dir: str, tmp_tag: str, tag: str, iteration: int) -> None:
 
 
 def save_checkpoint(engine: Any, iteration: int, consumed_samples: int, lr_scheduler: Any,
-                    args_dict: Dict[str, Any], save_dir: str, save_rng: bool = True) -> str:
+                    args_dict: Dict[str, Any], save_dir: str, save_rng: bool = True,
+                    expert_parallel: Any = None) -> str:
     """Save a checkpoint of iteration `iteration`; all ranks call. Returns its directory.
 
     engine: a DeepSpeed engine (model and optimizer; its own lr_scheduler should be None).
     lr_scheduler: megatron.learning_rates.LRScheduler or None. args_dict: the run's arguments.
+    expert_parallel: the run's megatron.expert_groups.ExpertParallelGroups (None: size 1).
     """
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
@@ -128,9 +137,15 @@ def save_checkpoint(engine: Any, iteration: int, consumed_samples: int, lr_sched
         "args": dict(args_dict or {}),
     }
     engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    tmp_dir = os.path.join(save_dir, tmp_tag)
+    ep_size = 1 if expert_parallel is None else expert_parallel.size
+    if ep_size > 1 and expert_parallel.data_parallel_rank == 0:
+        save_expert_shard(engine.module, tmp_dir, expert_parallel.rank, ep_size)
+    if _rank() == 0:
+        write_layout(tmp_dir, ep_size)
     _barrier()              # every rank's files are written (DeepSpeed's save ends with one too)
     if _rank() == 0:
-        _publish(save_dir, tmp_tag, tag, iteration)
+        publish_checkpoint_dir(save_dir, tmp_tag, tag, iteration)
         logger.info("saved checkpoint %s", os.path.join(save_dir, tag))
     _barrier()              # nobody returns before the pointer names the new checkpoint
     return os.path.join(save_dir, tag)
@@ -169,11 +184,14 @@ def _resolve_tag_dir(load_dir: str, tag: str) -> None:
 
 def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
                     load_optimizer: bool = True, load_rng: bool = True,
-                    finetune: bool = False) -> Optional[Tuple[int, int]]:
+                    finetune: bool = False, expert_parallel: Any = None
+                    ) -> Optional[Tuple[int, int]]:
     """Restore the checkpoint the pointer names; all ranks call.
 
     Returns (iteration, consumed_samples), or None (start fresh) when load_dir or its pointer
-    file does not exist. finetune loads the model weights only and returns (0, 0).
+    file does not exist. finetune loads the model weights only and returns (0, 0). A
+    weights-only checkpoint (written by the expert-parallel conversion tool) restores weights,
+    iteration, schedule and RNG, and starts the optimizer state afresh.
     """
     if load_dir is None or not os.path.isdir(load_dir):
         logger.warning("no checkpoint directory %r: starting from scratch", load_dir)
@@ -183,12 +201,23 @@ def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
         logger.warning("no %s in %s: starting from scratch", TRACKER_FILENAME, load_dir)
         return None
     _resolve_tag_dir(load_dir, tag)
-    path, client = engine.load_checkpoint(load_dir, tag=tag,
-                                          load_optimizer_states=load_optimizer and not finetune,
+    tag_dir = os.path.join(load_dir, tag)
+    ep_size = 1 if expert_parallel is None else expert_parallel.size
+    layout = check_layout(tag_dir, ep_size)
+    module_only = finetune or bool(layout.get("weights_only"))
+    if layout.get("weights_only") and not finetune and load_optimizer:
+        logger.warning("%s holds weights only (converted): the optimizer state starts afresh",
+                       tag_dir)
+    load_states = load_optimizer and not module_only
+    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_states,
                                           load_lr_scheduler_states=False,
-                                          load_module_only=finetune)
+                                          load_module_only=module_only)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
+    if ep_size > 1:     # DeepSpeed loaded rank 0's experts everywhere: put each rank's own back
+        load_expert_shard(engine.module, tag_dir, expert_parallel.rank, ep_size)
+        if not load_states:
+            refresh_master_weights(engine.optimizer)
     version = client.get("checkpoint_version")
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{os.path.join(load_dir, tag)} has checkpoint format version "

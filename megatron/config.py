@@ -52,6 +52,7 @@ class MoEConfig:
     vocab_size: Optional[int] = None                # padded vocabulary (needed by hash routing)
     expert_impl: str = "auto"                       # "auto" | "grouped" | "loop"
     sync_free: bool = False                         # upper-bound dispatch buffer, no host sync
+    expert_parallel_size: int = 1                   # --moe-expert-parallel-size
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -75,6 +76,14 @@ class MoEConfig:
             raise ValueError("hash routing needs the vocabulary size (vocab_size)")
         if self.expert_impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert_impl must be auto, grouped or loop, got {self.expert_impl!r}")
+        if self.expert_parallel_size < 1:
+            raise ValueError(f"--moe-expert-parallel-size must be >= 1, got "
+                             f"{self.expert_parallel_size}")
+        if self.expert_parallel_size > 1 and self.sync_free:
+            # The exchange needs host split sizes; a sync-free one would need a fixed per-rank
+            # capacity in the all_to_all (not built).
+            raise ValueError("sync-free dispatch cannot be combined with "
+                             f"--moe-expert-parallel-size {self.expert_parallel_size}")
 
     def capacity(self, num_tokens: int, num_experts: int, training: bool) -> Optional[int]:
         """Per-expert capacity C = max(ceil(T / E * cf), min_capacity); None when dropless."""

@@ -16,13 +16,14 @@ own `deepspeed.moe.layer.MoE` modules; with our MoELayer a tagged parameter make
 initialized") and, with the groups created by hand, backward fail (KeyError in
 `_get_gradients_for_reduction`). Our experts are replicated on every data-parallel rank (no
 expert parallelism), so DeepSpeed's dense all-reduce over the data-parallel group is the right
-reduction for them.
+reduction for them. With expert parallelism (--moe-expert-parallel-size > 1) they ARE tagged, and
+megatron/expert_groups.py makes the engine accept the tags.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -85,14 +86,22 @@ def param_groups(model: nn.Module, weight_decay: float,
     return groups
 
 
-def build_optimizer(model: nn.Module, config: Any, use_apex: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: Any, use_apex: bool = False,
+                    expert_group_name: Optional[str] = None) -> torch.optim.Optimizer:
     """AdamW over `param_groups(model, ...)` with config's lr, betas, eps and weight decay.
+
+    expert_group_name (expert parallelism, "ep_size_N"): expert parameters always go into
+    their own MoE groups of that name, whatever config.create_moe_param_group says (DeepSpeed
+    reduces and partitions them over the expert-data-parallel group of that name).
 
     torch's fused AdamW when every parameter is on CUDA, its foreach path otherwise. With
     use_apex, apex's FusedAdam (AdamW mode) if apex is importable, else torch's with a warning.
     Gradient clipping (config.clip_grad) belongs to the DeepSpeed config, not the optimizer.
     """
-    groups = param_groups(model, config.weight_decay, config.create_moe_param_group)
+    if expert_group_name is None:
+        groups = param_groups(model, config.weight_decay, config.create_moe_param_group)
+    else:
+        groups = param_groups(model, config.weight_decay, True, expert_group_name)
     kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                   weight_decay=config.weight_decay)
     if use_apex:

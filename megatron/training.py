@@ -43,10 +43,14 @@ from megatron.data.data_samplers import build_pretraining_data_loader
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.deepspeed_config import deepspeed_config_dict
 from megatron.evaluation import evaluate, forward_lm
+from megatron.expert_groups import (ExpertParallelGroups, attach_deepspeed_moe_marker,
+                                    clip_gradients_, create_expert_parallel_groups,
+                                    global_grad_norm, tag_expert_parameters)
 from megatron.initialize import (barrier, initialize_distributed, is_rank_0, print_rank_0,
                                  set_random_seed)
 from megatron.learning_rates import LRScheduler
 from megatron.model import GPTModel
+from megatron.model.moe import shard_moe_layers_
 from megatron.optimizer import build_optimizer
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, TensorBoardWriter,
                                    eval_block, iteration_line, moe_lines, moe_stats_tensors)
@@ -118,12 +122,6 @@ def data_iterator(dataset, consumed_samples: int, t: TrainingConfig, num_workers
         return iter(loader)
 
 
-def grad_norm_of(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of the gradients, on the device (DeepSpeed records none for fp32 without ZeRO)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-
-
 @dataclasses.dataclass
 class Trainer:
     """The built pieces of a run and the loop over them (see the module docstring)."""
@@ -138,6 +136,7 @@ class Trainer:
     iteration: int = 0
     consumed_samples: int = 0
     start_time: float = dataclasses.field(default_factory=time.time)
+    expert_parallel: Optional[ExpertParallelGroups] = None
 
     def __post_init__(self) -> None:
         moe = [layer for layer in self.model.transformer.layers if layer.is_moe]
@@ -148,7 +147,9 @@ class Trainer:
             self.run.logging.tensorboard_dir if is_rank_0() else None,
             self.run.logging.tensorboard_log_interval)
         # fp32 without ZeRO: DeepSpeed clips without recording the norm; compute it ourselves.
+        # With expert parallelism its norm there is wrong (see own_clipping): we clip too.
         self.own_grad_norm = not (t.fp16 or t.bf16 or t.zero_stage > 0)
+        self.own_clip = own_clipping(self.run, self.expert_parallel)
         self.train_iter = self.valid_iter = None
 
     # ------------------------------------------------------------------------------------------
@@ -162,7 +163,9 @@ class Trainer:
             lm_loss, out = forward_lm(engine, next(self.train_iter), self.device)
             engine.backward(lm_loss + out.moe_aux_loss)
             if self.own_grad_norm and engine.is_gradient_accumulation_boundary():
-                own_norm = grad_norm_of(engine.module)
+                own_norm = global_grad_norm(engine.module, self.expert_parallel)
+                if self.own_clip:
+                    clip_gradients_(engine.module, self.run.optimizer.clip_grad, own_norm)
             engine.step()
             lm_sum = _add(lm_sum, lm_loss.detach())
             aux_sum = _add(aux_sum, out.moe_aux_loss.detach())
@@ -276,7 +279,8 @@ class Trainer:
     def save(self) -> None:
         c = self.run.checkpoint
         save_checkpoint(self.engine, self.iteration, self.consumed_samples, self.scheduler,
-                        dataclasses.asdict(self.run), c.save, save_rng=not c.no_save_rng)
+                        dataclasses.asdict(self.run), c.save, save_rng=not c.no_save_rng,
+                        expert_parallel=self.expert_parallel)
         print_rank_0(f"saved checkpoint at iteration {self.iteration:7d} to {c.save}")
 
     def load(self) -> None:
@@ -285,7 +289,7 @@ class Trainer:
             return
         loaded = load_checkpoint(self.engine, self.scheduler, c.load,
                                  load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                 finetune=c.finetune)
+                                 finetune=c.finetune, expert_parallel=self.expert_parallel)
         if loaded is None:
             print_rank_0(f"no checkpoint found in {c.load}: training from scratch")
             return
@@ -313,9 +317,30 @@ def _add(total: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
 # entry
 
 
-def setup_model_and_optimizer(run: RunConfig, device: torch.device, train_iters: int):
+def own_clipping(run: RunConfig, ep: Optional[ExpertParallelGroups]) -> bool:
+    """Whether we clip instead of DeepSpeed: fp32 without ZeRO under expert parallelism, where
+    DeepSpeed's clip_grad_norm_ averages per-rank norms that each see one expert shard (its
+    ZeRO and mixed-precision optimizers sum the shards' squares correctly)."""
+    t = run.training
+    return (ep is not None and ep.size > 1 and run.optimizer.clip_grad > 0
+            and not (t.fp16 or t.bf16 or t.zero_stage > 0))
+
+
+def expert_parallel_groups(run: RunConfig) -> Optional[ExpertParallelGroups]:
+    """DeepSpeed's expert-parallel groups for --moe-expert-parallel-size > 1, else None."""
+    size = run.model.moe.expert_parallel_size
+    return create_expert_parallel_groups(size) if size > 1 else None
+
+
+def setup_model_and_optimizer(run: RunConfig, device: torch.device, train_iters: int,
+                              expert_parallel: Optional[ExpertParallelGroups] = None):
     """(engine, model, LRScheduler or None with --eval-only): GPTModel on `device`, our AdamW,
-    DeepSpeed's engine; the schedule's default horizon is train_iters."""
+    DeepSpeed's engine; the schedule's default horizon is train_iters.
+
+    With expert parallelism (`expert_parallel`, from `expert_parallel_groups`) every rank builds
+    the whole model from the same seed, keeps its shard of each MoE layer's experts and tags
+    them for DeepSpeed (see megatron/expert_groups.py).
+    """
     import deepspeed  # heavy; imported where the engine is built
 
     t = run.training
@@ -327,10 +352,19 @@ def setup_model_and_optimizer(run: RunConfig, device: torch.device, train_iters:
                          f"{deepspeed.__version__} (the loss is never scaled, the gradients are "
                          "unscaled; deepspeedai/DeepSpeed#8393): use --bf16, or --fp16 with "
                          "--zero-stage 1 or 2")
+    if run.model.moe.expert_parallel_size > 1 and expert_parallel is None:
+        expert_parallel = expert_parallel_groups(run)
     model = GPTModel(run.model).to(device)
-    optimizer = build_optimizer(model, run.optimizer)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config_dict(run))
+    ds_config = deepspeed_config_dict(run)
+    if expert_parallel is not None:
+        shard_moe_layers_(model, expert_parallel.group)
+        tag_expert_parameters(model, expert_parallel.name)
+        attach_deepspeed_moe_marker(model, expert_parallel)
+        if own_clipping(run, expert_parallel):
+            ds_config["gradient_clipping"] = 0.0        # Trainer.train_step clips
+    optimizer = build_optimizer(model, run.optimizer,
+                                expert_group_name=expert_parallel and expert_parallel.name)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if t.eval_only:         # nothing is stepped; the checkpoint's schedule is not needed
         return engine, engine.module, None
     scheduler = LRScheduler(optimizer, run.optimizer, train_iters=train_iters,
@@ -348,14 +382,18 @@ def pretrain(run: RunConfig, vocab_size: Optional[int] = None) -> None:
     _, device = initialize_distributed(t.distributed_backend, t.local_rank)
     set_random_seed(t.seed)
     total_iters = 0 if t.eval_only else total_train_iters(t)
-    engine, model, scheduler = setup_model_and_optimizer(run, device, total_iters)
+    ep = expert_parallel_groups(run)
+    engine, model, scheduler = setup_model_and_optimizer(run, device, total_iters, ep)
     counts = sample_counts(t, total_iters)
     datasets = build_datasets(run, counts, vocab_size)
     trainer = Trainer(run, engine, model, scheduler, device, total_iters, datasets,
-                      start_time=start_time)
+                      start_time=start_time, expert_parallel=ep)
     print_rank_0(f"number of parameters: {model.num_parameters():,} "
                  f"(experts {model.parameter_counts()['expert']:,}); training for "
                  f"{total_iters} iterations of {t.global_batch_size} samples")
+    if ep is not None:
+        print_rank_0(f"expert-parallel size {ep.size}: each rank holds 1/{ep.size} of every MoE "
+                     f"layer's experts; expert-data-parallel size {ep.data_parallel_size}")
     trainer.load()
     try:
         if t.eval_only:         # the first batches of each split: comparable across checkpoints

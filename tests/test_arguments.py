@@ -146,21 +146,25 @@ def test_original_xmoe_line_moe_layer_placement(files):
     assert [model.experts_for_layer(L) for L in range(1, 13)] == [1, 64] * 6
 
 
-def test_original_xmoe_line_with_its_expert_parallel_size_is_not_supported(files):
+def test_original_xmoe_line_with_its_expert_parallel_size_needs_the_world_size(files):
     # The script passed EP_PARALLEL_SIZE=min(64, NUM_GPUS=4)=4 while launching 2 GPUs.
-    rejects(xmoe_argv(files, ep=4), "--moe-expert-parallel-size 4", "not supported yet",
-            "issue 5", "world size", world_size=WORLD)
+    rejects(xmoe_argv(files, ep=4), "--moe-expert-parallel-size 4", "world size", "2 processes",
+            world_size=WORLD)
 
 
-def test_expert_parallel_that_would_fit_is_still_not_supported(files):
-    message = rejects(xmoe_argv(files, ep=2), "--moe-expert-parallel-size 2",
-                      "not supported yet (expert parallelism: issue 5)", world_size=WORLD)
-    assert "for now" in message
+def test_expert_parallel_size_reaches_the_moe_config(files):
+    run = configs(xmoe_argv(files, ep=2), world_size=WORLD)
+    assert run.model.moe.expert_parallel_size == 2
 
 
 def test_expert_parallel_not_dividing_experts(files):
     rejects(xmoe_argv(files, ep=3, extra="--global-batch-size 288"),
-            "--moe-expert-parallel-size 3", "--num-experts", "divisible", world_size=3)
+            "--moe-expert-parallel-size 3", "--num-experts 64", "divide", world_size=3)
+
+
+def test_expert_parallel_with_sync_free_dispatch(files):
+    rejects(xmoe_argv(files, ep=2, extra="--moe-sync-free-dispatch"),
+            "--moe-sync-free-dispatch", "--moe-expert-parallel-size 2", world_size=WORLD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,11 +262,9 @@ def test_local_rank_spellings(files):
     ("--placeholder-expert", ("--placeholder-expert", "not supported")),
     ("--mlp-type residual", ("--mlp-type residual", "not supported")),
     ("--zero-stage 3", ("--zero-stage 3", "not supported")),
-    ("--num-experts 4 --moe-expert-parallel-size 2",
-     ("--moe-expert-parallel-size 2", "not supported yet")),
 ])
 def test_not_supported(files, extra, fragments):
-    rejects(small_argv(files, extra), *fragments, world_size=2 if "expert" in extra else 1)
+    rejects(small_argv(files, extra), *fragments)
 
 
 def test_accepted_no_ops(files):

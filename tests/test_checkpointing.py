@@ -315,5 +315,5 @@ def test_two_ranks_zero1(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["iter_0000002", TRACKER_FILENAME, "zero_to_fp32.py",
                                             "zero_to_torch.py"]
     assert sorted(os.listdir(tmp_path / "iter_0000002")) == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "mp_rank_00_model_states.pt", "xmoe_checkpoint.json",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]

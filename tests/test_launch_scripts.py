@@ -233,10 +233,12 @@ def test_bad_settings_stop_before_launching(paths, env, message):
     assert r.returncode == 2 and message in r.stderr and r.stdout == ""
 
 
-def test_expert_parallelism_is_rejected_by_validation(paths):
-    """The scripts pin --moe-expert-parallel-size 1: larger sizes are not built (issue 5)."""
-    _, gpt_argv = split_command(dry_run(SCRIPTS[0], paths).stdout)
-    i = gpt_argv.index("--moe-expert-parallel-size")
-    gpt_argv[i + 1] = "4"
-    with pytest.raises(ValueError, match="issue 5"):
-        build(gpt_argv, world_size=4)
+def test_expert_parallel_size_from_the_environment(paths):
+    """EP_PARALLEL_SIZE reaches --moe-expert-parallel-size; validation checks it against the
+    world size the launcher will create."""
+    r = dry_run(SCRIPTS[0], paths, EP_PARALLEL_SIZE="4", NUM_GPUS="4")
+    _, gpt_argv = split_command(r.stdout)
+    assert gpt_argv[gpt_argv.index("--moe-expert-parallel-size") + 1] == "4"
+    assert build(gpt_argv, world_size=4).model.moe.expert_parallel_size == 4
+    with pytest.raises(ValueError, match="must divide the world size"):
+        build(gpt_argv, world_size=2)

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -331,3 +332,151 @@ def test_fp16_without_zero_is_rejected_before_building(tiny_data):
     run = build_configs(args, 384)
     with pytest.raises(ValueError, match=r"--fp16 with ZeRO stage 0 .*DeepSpeed#8393"):
         setup_model_and_optimizer(run, torch.device("cpu"), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# expert parallelism
+
+
+def _torchrun(nproc: int) -> tuple:
+    return ("-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(_free_port()))
+
+
+@pytest.mark.parametrize("zero", ["0", "1", "2"])
+def test_expert_parallel_2_equals_one_rank(tiny_data, tmp_path, zero):
+    """EP=2 x DP=1 (each rank 4 of the 8 experts, tokens exchanged by all_to_all) vs one rank
+    accumulating the same 2 micro-batches: the same losses and grad norms (clipping active:
+    --clip-grad 0.05 is below the norms, so a wrongly counted expert norm changes the update),
+    under ZeRO 0 (fp32: our clipping), 1 and 2 (DeepSpeed's)."""
+    flags = model_flags(tiny_data) + ["--train-iters", "8", "--hidden-dropout", "0",
+                                      "--attention-dropout", "0", "--log-interval", "1",
+                                      "--clip-grad", "0.05", "--zero-stage", zero]
+    two = run_pretrain(flags + ["--tensorboard-dir", str(tmp_path / "tb2"),
+                                "--moe-expert-parallel-size", "2"], launcher=_torchrun(2))
+    one = run_pretrain(flags + ["--tensorboard-dir", str(tmp_path / "tb1")])
+    for tag in ("lm-loss", "grad-norm"):
+        a, b = (tensorboard_scalars(tmp_path / d, tag) for d in ("tb1", "tb2"))
+        assert sorted(b) == list(range(1, 9))
+        np.testing.assert_allclose([b[i] for i in range(1, 9)], [a[i] for i in range(1, 9)],
+                                   rtol=2e-5, err_msg=tag)
+    norms = tensorboard_scalars(tmp_path / "tb1", "grad-norm")
+    assert min(norms.values()) > 0.05          # clipping did act on every step
+
+
+CONVERT = REPO / "tools" / "convert_expert_parallel_checkpoint.py"
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tiny_data, tmp_path_factory):
+    """8 iterations with EP=2 on 2 ranks, ZeRO 1, checkpoints at 4 and 8."""
+    root = tmp_path_factory.mktemp("ep2")
+    flags = model_flags(tiny_data) + ["--train-iters", "8", "--zero-stage", "1",
+                                      "--moe-expert-parallel-size", "2", "--eval-interval", "4",
+                                      "--save", str(root / "ckpt"), "--save-interval", "4"]
+    proc = run_pretrain(flags + ["--tensorboard-dir", str(root / "tb")], launcher=_torchrun(2))
+    return {"flags": flags, "stdout": proc.stdout, "tb": root / "tb", "ckpt": root / "ckpt"}
+
+
+def test_expert_parallel_checkpoint_holds_every_rank_and_resumes_exactly(ep2_run, tmp_path):
+    tag_dir = ep2_run["ckpt"] / "iter_0000008"
+    shards = sorted(p.name for p in tag_dir.glob("expert_parallel_rank_*"))
+    assert shards == ["expert_parallel_rank_000_of_002.pt", "expert_parallel_rank_001_of_002.pt"]
+    a, b = (torch.load(tag_dir / s, weights_only=True)["tensors"] for s in shards)
+    w1 = "transformer.layers.1.mlp.experts.w1"
+    assert a[w1].shape == b[w1].shape == (4, 64, 64) and not torch.equal(a[w1], b[w1])
+    # stop at 4 (dropout on), resume to 8: bit-identical losses
+    flags = [f for f in ep2_run["flags"]]
+    flags[flags.index("--save") + 1] = str(tmp_path / "ckpt")
+    run_pretrain(flags + ["--exit-interval", "4", "--tensorboard-dir", str(tmp_path / "tb1")],
+                 launcher=_torchrun(2))
+    second = run_pretrain(flags + ["--load", str(tmp_path / "ckpt"),
+                                   "--tensorboard-dir", str(tmp_path / "tb2")],
+                          launcher=_torchrun(2))
+    assert "loaded checkpoint" in second.stdout
+    resumed = {**tensorboard_scalars(tmp_path / "tb1", "lm-loss"),
+               **tensorboard_scalars(tmp_path / "tb2", "lm-loss")}
+    straight = tensorboard_scalars(ep2_run["tb"], "lm-loss")
+    assert [resumed[i] for i in range(1, 9)] == [straight[i] for i in range(1, 9)]
+
+
+def test_expert_parallel_checkpoint_refuses_another_size(ep2_run, tiny_data):
+    proc = run_pretrain(model_flags(tiny_data) + ["--eval-only", "--load", str(ep2_run["ckpt"])],
+                        check=False)
+    assert proc.returncode != 0
+    assert "--moe-expert-parallel-size 2; this run uses 1" in proc.stderr
+    assert "convert_expert_parallel_checkpoint.py" in proc.stderr
+
+
+def _convert(load, save, size) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, str(CONVERT), "--load", str(load), "--save",
+                           str(save), "--target-expert-parallel-size", str(size)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_convert_expert_parallel_2_to_1_evaluates_the_same(ep2_run, tiny_data, tmp_path):
+    proc = _convert(ep2_run["ckpt"], tmp_path / "ep1", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "expert-parallel size 2" in proc.stdout and "expert-parallel size 1" in proc.stdout
+    assert (tmp_path / "ep1" / "latest_checkpointed_iteration.txt").read_text() == "8\n"
+    one = run_pretrain(model_flags(tiny_data) + ["--eval-only", "--load", str(tmp_path / "ep1")])
+    evals = lines_matching(one.stdout, EVAL_RE)
+    assert [(m["what"], int(m["it"])) for m in evals] == [("validation", 8), ("test", 8)]
+    trained_test = lines_matching(ep2_run["stdout"], EVAL_RE)[-1]
+    assert trained_test["what"] == "test"
+    assert float(evals[1]["loss"]) == pytest.approx(float(trained_test["loss"]), rel=2e-5)
+    # and back to 2: the same shards as the original
+    back = _convert(tmp_path / "ep1", tmp_path / "ep2", 2)
+    assert back.returncode == 0, back.stderr
+    for r in range(2):
+        name = f"expert_parallel_rank_{r:03d}_of_002.pt"
+        a = torch.load(ep2_run["ckpt"] / "iter_0000008" / name, weights_only=True)["tensors"]
+        b = torch.load(tmp_path / "ep2" / "iter_0000008" / name, weights_only=True)["tensors"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_rejects_a_size_that_does_not_divide_the_experts(ep2_run, tmp_path):
+    proc = _convert(ep2_run["ckpt"], tmp_path / "ep3", 3)
+    assert proc.returncode == 1
+    assert "8 experts, not divisible by --target-expert-parallel-size 3" in proc.stderr
+    assert not (tmp_path / "ep3" / "iter_0000008").exists()
+
+
+def test_deepspeed_launcher_runs_expert_parallel(tiny_data, tmp_path):
+    """`deepspeed --num_gpus 2 --num_nodes 1 pretrain_gpt.py ...` (on CPU: 2 gloo processes)
+    with EP=2 trains and matches torchrun's losses."""
+    flags = model_flags(tiny_data) + ["--train-iters", "6", "--log-interval", "1",
+                                      "--hidden-dropout", "0", "--attention-dropout", "0",
+                                      "--moe-expert-parallel-size", "2"]
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [launcher, "--num_gpus", "2", "--num_nodes", "1", "--master_port", str(_free_port()),
+           str(REPO / "pretrain_gpt.py"), *flags, "--tensorboard-dir", str(tmp_path / "ds")]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_pretrain(flags + ["--tensorboard-dir", str(tmp_path / "tr")], launcher=_torchrun(2))
+    a, b = (tensorboard_scalars(tmp_path / d, "lm-loss") for d in ("ds", "tr"))
+    assert sorted(a) == list(range(1, 7)) and a == b
+
+
+def test_expert_parallel_2_by_data_parallel_2_equals_one_rank(tiny_data, tmp_path):
+    """World 4 = EP 2 x expert-data-parallel 2 (expert gradients reduced over pairs of ranks
+    holding the same experts), ZeRO 2, vs one rank accumulating 4 micro-batches of 2."""
+    flags = model_flags(tiny_data) + ["--train-iters", "6", "--hidden-dropout", "0",
+                                      "--attention-dropout", "0", "--log-interval", "1",
+                                      "--micro-batch-size", "2", "--clip-grad", "0.05",
+                                      "--zero-stage", "2"]
+    four = run_pretrain(flags + ["--tensorboard-dir", str(tmp_path / "tb4"),
+                                 "--moe-expert-parallel-size", "2"], launcher=_torchrun(4))
+    assert "expert-parallel size 2" in four.stdout
+    run_pretrain(flags + ["--tensorboard-dir", str(tmp_path / "tb1")])
+    for tag in ("lm-loss", "grad-norm"):
+        a, b = (tensorboard_scalars(tmp_path / d, tag) for d in ("tb1", "tb4"))
+        assert sorted(b) == list(range(1, 7))
+        np.testing.assert_allclose([b[i] for i in range(1, 7)], [a[i] for i in range(1, 7)],
+                                   rtol=2e-5, err_msg=tag)

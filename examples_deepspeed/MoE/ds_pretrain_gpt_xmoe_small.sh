@@ -52,9 +52,12 @@ MOE_TRAIN_CAP_FACTOR=${MOE_TRAIN_CAP_FACTOR:-8.0}
 MOE_EVAL_CAP_FACTOR=${MOE_EVAL_CAP_FACTOR:-8.0}
 MOE_MIN_CAP=${MOE_MIN_CAP:-4}
 MLC=${MLC:-0.01}                             # load-balancing loss coefficient
-# Expert parallelism is not built yet (issue 5): every rank holds all 64 experts and
-# pretrain_gpt.py rejects --moe-expert-parallel-size > 1.
-EP_PARALLEL_SIZE=1
+# Expert parallelism: each rank holds 64 / EP_PARALLEL_SIZE experts of every MoE layer and
+# exchanges tokens with its EP group (all_to_all); EP_PARALLEL_SIZE must divide 64 and the number
+# of processes (NUM_GPUS x NUM_NODES). 1 (plain data parallelism) is fastest while the experts
+# fit on one GPU (XMoE-small's do: 226M expert parameters); the XMoE fork passed min(64, GPUs)
+# but ignored it.
+EP_PARALLEL_SIZE=${EP_PARALLEL_SIZE:-1}
 
 ### Batch, duration, learning rate ##############################################################
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-256}

@@ -104,10 +104,13 @@ class GPTModel(nn.Module):
         return GPTOutput(None, loss_BS, out.aux_loss, out.stats)
 
     def parameter_counts(self) -> Dict[str, int]:
-        """{"total", "expert", "non_expert"}: expert = MoE-layer parameters except the router."""
-        total = sum(p.numel() for p in self.parameters())
+        """{"total", "expert", "non_expert"}: expert = MoE-layer parameters except the router,
+        counted over the whole model (with expert parallelism, every rank's shard)."""
         expert = sum(_expert_numel(layer.mlp) for layer in self.transformer.layers)
-        return {"total": total, "expert": expert, "non_expert": total - expert}
+        local_expert = sum(p.numel() for layer in self.transformer.layers if layer.is_moe
+                           for p in layer.mlp.experts.parameters())
+        non_expert = sum(p.numel() for p in self.parameters()) - local_expert
+        return {"total": non_expert + expert, "expert": expert, "non_expert": non_expert}
 
     def num_parameters(self, active_only: bool = False) -> int:
         """All parameters, or with active_only those one token uses under top-1 routing (each
@@ -122,8 +125,8 @@ class GPTModel(nn.Module):
 
 
 def _expert_numel(ffn: nn.Module) -> int:
-    """Parameters of an MoE layer's experts (all but the router weight); 0 for a dense MLP."""
+    """Parameters of an MoE layer's experts (all but the router weight, all ranks' shards);
+    0 for a dense MLP."""
     if not isinstance(ffn, MoELayer):
         return 0
-    return sum(p.numel() for name, p in ffn.named_parameters()
-               if name.split(".")[-1] != "gate_weight")
+    return ffn.num_expert_parameters()

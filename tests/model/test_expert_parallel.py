@@ -8,6 +8,7 @@ the sum over BOTH ranks' batches of the full layer's gradient slice (a rank's ex
 ranks' tokens).
 """
 
+import copy
 import os
 import socket
 
@@ -68,17 +69,20 @@ def reference(layer: MoELayer, rank: int):
 
 
 def expert_parallel(layer: MoELayer, rank: int, impl: str):
-    """Route + plan locally, experts across the group, combine locally."""
-    local = shard_experts(layer.experts, rank, WORLD)
+    """MoELayer.shard_experts_ over the 2 ranks: route + plan locally, experts across the
+    group, combine locally."""
+    sharded = copy.deepcopy(layer)
+    sharded.shard_experts_(dist.group.WORLD)
+    assert sharded.num_local_experts == layer.num_experts // WORLD
+    assert sharded.num_expert_parameters() == sum(p.numel() for p in layer.experts.parameters())
+    local = sharded.experts
     local.impl = impl
     x, ids, g = batch(rank)
     x.requires_grad_(True)
-    decision = layer.decide(x, ids)
-    plan = make_plan(decision, sync_free=False)
-    y_PD = expert_parallel_experts(dispatch(x, plan), plan.group_ends, local)
-    out = combine(y_PD, plan, out_dtype=x.dtype)
+    out = sharded(x, ids).output
+    decision = sharded.decide(x.detach(), ids)
     params = [p for _, p in local.named_parameters()]
-    gate = [layer.gate_weight] if layer.gate_weight is not None else []
+    gate = [sharded.gate_weight] if sharded.gate_weight is not None else []
     grads = torch.autograd.grad((out * g).sum(), [x] + gate + params, allow_unused=True)
     grads = [torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, [x] + gate + params)]
     return out.detach(), grads[0], grads[1:1 + len(gate)], grads[1 + len(gate):], decision

@@ -16,6 +16,7 @@ from megatron.config import MoEConfig
 from megatron.model.mlp_gating import RoutingDecision, make_hash_table, route
 from megatron.model.moe.dispatch import combine, dispatch, make_plan
 from megatron.model.moe.experts import Experts
+from megatron.model.moe.expert_parallel import expert_parallel_experts, shard_experts
 from megatron.model.moe.stats import MoEStats, compute_stats
 
 
@@ -34,6 +35,11 @@ class MoELayer(nn.Module):
     The router weight `gate_weight` [E, D] is created and applied in fp32 whatever the params
     dtype (routing decisions are discontinuous in the logits; bf16 logits flip them). Hash
     routing has no gate: a frozen `hash_table` buffer maps token ids to experts instead.
+
+    Expert parallelism: `shard_experts_(group)` keeps only this rank's E / N experts (a slice
+    of the weights every rank initialised identically), and forward then runs the experts
+    across `group` (all_to_all of the dispatch rows, see expert_parallel.py). Routing, capacity
+    and combine stay local: they are the same as without expert parallelism.
     """
 
     def __init__(self, config: MoEConfig, hidden_size: int, num_experts: int, init_std: float,
@@ -60,6 +66,29 @@ class MoELayer(nn.Module):
         self.experts = Experts(num_experts, hidden_size, config.ffn_hidden_size, init_std,
                                output_init_std, bias=config.expert_bias,
                                impl=config.expert_impl, params_dtype=params_dtype)
+        self.expert_group: Optional["torch.distributed.ProcessGroup"] = None
+        self.expert_parallel_rank, self.expert_parallel_size = 0, 1
+
+    def shard_experts_(self, group: "torch.distributed.ProcessGroup") -> None:
+        """Keep this rank's experts [r * E / N, (r + 1) * E / N) of `group` (N ranks)."""
+        import torch.distributed as dist
+
+        if self.expert_group is not None:
+            raise RuntimeError(f"MoE layer {self.layer_number}: experts already sharded")
+        if self.config.sync_free:
+            raise ValueError("sync-free dispatch cannot be combined with expert parallelism")
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        self.experts = shard_experts(self.experts, rank, size)
+        self.expert_group = group
+        self.expert_parallel_rank, self.expert_parallel_size = rank, size
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.experts.num_experts
+
+    def num_expert_parameters(self) -> int:
+        """Expert parameters of the whole layer (all ranks' shards), router excluded."""
+        return sum(p.numel() for p in self.experts.parameters()) * self.expert_parallel_size
 
     def router_logits(self, x_TD: torch.Tensor) -> Optional[torch.Tensor]:
         """fp32 logits [T, E] (None for hash routing); .float() undoes a model-wide cast."""
@@ -81,7 +110,9 @@ class MoELayer(nn.Module):
         2. plan:     kept (token, expert) pairs sorted by expert, with group offsets
                      (exact: one host sync; sync_free: static padded buffer, no sync)
         3. dispatch: gather each kept pair's token row into expert order
-        4. experts:  per-expert Linear-GeLU-Linear over contiguous groups (grouped GEMM or loop)
+        4. experts:  per-expert Linear-GeLU-Linear over contiguous groups (grouped GEMM or loop);
+                     with expert parallelism the rows travel to the rank owning their expert
+                     and back (all_to_all, uneven splits)
         5. combine:  weighted fp32 scatter-add back to tokens; all-dropped tokens get 0
         """
         shape = hidden_states.shape
@@ -91,8 +122,12 @@ class MoELayer(nn.Module):
         decision = self.decide(x_TD, token_ids_T)
         plan = make_plan(decision, sync_free=self.config.sync_free)
         x_PD = dispatch(x_TD, plan)
-        y_PD = self.experts(x_PD, plan.group_offsets_E, valid_P=plan.valid_P,
-                            group_ends=plan.group_ends)
+        if self.expert_group is None:
+            y_PD = self.experts(x_PD, plan.group_offsets_E, valid_P=plan.valid_P,
+                                group_ends=plan.group_ends)
+        else:
+            y_PD = expert_parallel_experts(x_PD, plan.group_ends, self.experts,
+                                           self.expert_group)
         out_TD = combine(y_PD, plan, out_dtype=hidden_states.dtype)
 
         aux_loss = (self.config.aux_loss_coeff * decision.aux_loss.float()
@@ -100,3 +135,16 @@ class MoELayer(nn.Module):
         stats = compute_stats(decision, self.layer_number, self.config.topk,
                               self.config.ffn_hidden_size, self.dense_ffn_hidden_size)
         return MoEOutput(out_TD.reshape(shape), aux_loss, stats)
+
+
+def shard_moe_layers_(model: nn.Module, group: "torch.distributed.ProcessGroup") -> int:
+    """Expert parallelism for a whole model: shard every MoELayer's experts over `group`.
+
+    Call after building the model with the same seed on every rank (each rank keeps its slice
+    of identically initialised weights, so the sharded model equals the unsharded one) and
+    before creating the optimizer. Returns the number of MoE layers sharded.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        layer.shard_experts_(group)
+    return len(layers)
