@@ -63,6 +63,9 @@ def parse_args() -> argparse.Namespace:
                         "(e.g. default reduce-overhead); compile removes per-op host overhead")
     p.add_argument("--compile-exact", action="store_true",
                    help="with --compile, also time the exact (one-sync) variant compiled")
+    p.add_argument("--no-compile-routing", action="store_true",
+                   help="skip the variants whose routing + plan run torch.compile'd "
+                        "(MoEConfig.compile_routing; experts, dispatch and combine eager)")
     p.add_argument("--profile", action="store_true",
                    help="print the top CUDA kernels of one step of each variant")
     args = p.parse_args()
@@ -271,22 +274,28 @@ def main() -> None:
 
     flop_per_row = 3 * 2 * 2 * D              # x F (expert) or F_dense; fwd + 2x for bwd
     rows: Dict[str, float] = {"ours exact": kept * Fh, "ours sync-free": kept * Fh,
+                              "ours exact, routing compiled": kept * Fh,
+                              "ours sync-free, rt compiled": kept * Fh,
                               "(a) capacity-padded": E * C_a * Fh,
                               "(a') batched [E,C,D] bmm": E * C_a * Fh,
                               "(b) dense FFN": T * F_dense,
                               "router only (ours)": 0}
     results: Dict[str, float] = {}
-    print(f"{'variant':<26}{'ms/fwd+bwd':>12}{'TFLOP/s':>10}{'syncs/step':>12}{'peak MB':>10}"
+    print(f"{'variant':<30}{'ms/fwd+bwd':>12}{'TFLOP/s':>10}{'syncs/step':>12}{'peak MB':>10}"
           f"  (TFLOP/s = 12 * D * F * rows / time; rows = kept pairs | E * C | T)")
-    for name, sync_free, step in (("ours exact", False, ours_step),
-                                  ("ours sync-free", True, ours_step),
-                                  ("(a) capacity-padded", None, padded_step),
-                                  ("(a') batched [E,C,D] bmm", None, batched_step),
-                                  ("(b) dense FFN", None, dense_step),
-                                  ("router only (ours)", None, router_step)):
+    variants = [("ours exact", False, ours_step), ("ours sync-free", True, ours_step)]
+    if not args.no_compile_routing:
+        variants += [("ours exact, routing compiled", False, ours_step),
+                     ("ours sync-free, rt compiled", True, ours_step)]
+    variants += [("(a) capacity-padded", None, padded_step),
+                 ("(a') batched [E,C,D] bmm", None, batched_step),
+                 ("(b) dense FFN", None, dense_step),
+                 ("router only (ours)", None, router_step)]
+    for name, sync_free, step in variants:
         if sync_free is not None:
-            layer.config = dataclasses.replace(cfg, sync_free=sync_free)
-        ms = time_step(step, device, args.warmup, args.iters)
+            layer.config = dataclasses.replace(cfg, sync_free=sync_free,
+                                               compile_routing="compiled" in name)
+        ms = time_step(step, device, args.warmup + (3 if "compiled" in name else 0), args.iters)
         syncs = count_syncs(step, device, verbose=args.profile)
         mem = peak_memory_mb(step, device)
         results[name] = ms
@@ -294,8 +303,8 @@ def main() -> None:
             profile_step(step, name)
         tflops = flop_per_row * rows[name] / (ms * 1e-3) / 1e12
         tf = f"{tflops:.3g}" if tflops else "-"
-        print(f"{name:<26}{ms:>12.3f}{tf:>10}{syncs:>12}{mem:>10}")
-    for name in ("ours exact", "ours sync-free"):
+        print(f"{name:<30}{ms:>12.3f}{tf:>10}{syncs:>12}{mem:>10}")
+    for name in [v[0] for v in variants if v[0].startswith("ours")]:
         speedup = results["(a) capacity-padded"] / results[name]
         speedup_b = results["(a') batched [E,C,D] bmm"] / results[name]
         vs_dense = results[name] / results["(b) dense FFN"]

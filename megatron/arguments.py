@@ -133,6 +133,10 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                         "layer (N must divide --num-experts and the world size).")
     g.add_argument("--moe-sync-free-dispatch", action="store_true",
                    help="Dispatch into a static upper-bound buffer: no host sync per layer.")
+    g.add_argument("--moe-compile-routing", action="store_true",
+                   help="torch.compile each MoE layer's router, capacity, dispatch plan and "
+                        "statistics (~150 small ops -> a few fused kernels; compiles once "
+                        "per shape at the first steps).")
     g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default="auto",
                    help="Expert compute: grouped GEMM, per-expert loop, or auto.")
     g.add_argument("--sparse-mlp", action="store_true",
@@ -441,7 +445,8 @@ def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig
         aux_loss_coeff=args.moe_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
         hash_seed=args.seed, vocab_size=padded_vocab_size,
         expert_impl=args.moe_expert_impl, sync_free=args.moe_sync_free_dispatch,
-        expert_parallel_size=args.moe_expert_parallel_size)
+        expert_parallel_size=args.moe_expert_parallel_size,
+        compile_routing=args.moe_compile_routing)
     return GPTConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, padded_vocab_size=padded_vocab_size,

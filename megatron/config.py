@@ -53,6 +53,7 @@ class MoEConfig:
     expert_impl: str = "auto"                       # "auto" | "grouped" | "loop"
     sync_free: bool = False                         # upper-bound dispatch buffer, no host sync
     expert_parallel_size: int = 1                   # --moe-expert-parallel-size
+    compile_routing: bool = False                   # --moe-compile-routing (torch.compile)
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:

@@ -478,3 +478,9 @@ def test_built_model_config_runs_the_model(files, router_flags):
     model = GPTModel(model_config)
     out = model(torch.randint(0, PADDED_VOCAB, (2, 32)))
     assert len(out.moe_stats) == 2 and out.logits.shape == (2, 32, PADDED_VOCAB)  # MoE: 2, 4
+
+
+def test_compile_routing_flag(files):
+    assert not configs(xmoe_argv(files), world_size=WORLD).model.moe.compile_routing
+    run = configs(xmoe_argv(files, extra="--moe-compile-routing"), world_size=WORLD)
+    assert run.model.moe.compile_routing

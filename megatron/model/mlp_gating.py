@@ -318,11 +318,13 @@ def hash_route(token_ids_T: Optional[torch.Tensor], hash_table_V: Optional[torch
 def route(logits_TE: Optional[torch.Tensor], config: MoEConfig, num_experts: int, *,
           training: bool, token_ids_T: Optional[torch.Tensor] = None,
           hash_table_V: Optional[torch.Tensor] = None,
-          generator: Optional[torch.Generator] = None) -> RoutingDecision:
+          generator: Optional[torch.Generator] = None,
+          noise_TE: Optional[torch.Tensor] = None) -> RoutingDecision:
     """Route with the router `config.router` names, at the train or eval capacity.
 
-    Top-k draws Gumbel noise (from `generator`) only when training and k > 1. Hash routing
-    reads token ids and the table instead of the logits, which may then be None.
+    Top-k draws Gumbel noise (from `generator`) only when training and k > 1, unless the
+    caller drew it already (`noise_TE`, used only then). Hash routing reads token ids and the
+    table instead of the logits, which may then be None.
     """
     if config.router == "hash":
         num_tokens = 0 if token_ids_T is None else token_ids_T.numel()
@@ -335,8 +337,10 @@ def route(logits_TE: Optional[torch.Tensor], config: MoEConfig, num_experts: int
     if config.router == "threshold":
         return threshold_route(logits_TE, config.threshold, capacity, config.threshold_max_experts)
     if config.router == "topk":
-        noisy = training and config.topk > 1
-        noise_TE = gumbel_noise_like(logits_TE, generator) if noisy else None
+        if not (training and config.topk > 1):
+            noise_TE = None
+        elif noise_TE is None:
+            noise_TE = gumbel_noise_like(logits_TE, generator)
         return topk_route(logits_TE, config.topk, capacity, noise_TE)
     if config.router == "switch":
         return switch_route(logits_TE, capacity)

@@ -73,9 +73,29 @@ def dispatch_bound(num_tokens: int, num_slots: int, num_experts: int,
     return bound
 
 
+@dataclass(frozen=True)
+class PlanCore:
+    """The part of a plan computed without knowing the number of kept pairs (no host sync).
+
+    Arrays of the static length `bound` (rows past the kept pairs hold filler); see make_plan.
+    """
+
+    token_B: torch.Tensor           # int64 [bound] source token of each row
+    weight_B: torch.Tensor          # fp32  [bound] combine weight of each row
+    offsets_E: torch.Tensor         # int32 [E] cumulative kept rows per expert
+    rows_J: torch.Tensor            # int64 [bound] rows regrouped by token (token-major CSR)
+    bag_offsets_T: torch.Tensor     # int64 [T] each token's first entry in rows_J
+    num_tokens: int
+
+
 def make_plan(decision: RoutingDecision, sync_free: bool) -> DispatchPlan:
     """Order the kept pairs of `decision` by expert, then token (tensor ops only, plus one sync
-    if exact).
+    if exact): `finish_plan(plan_core(decision), sync_free)`."""
+    return finish_plan(plan_core(decision), sync_free)
+
+
+def plan_core(decision: RoutingDecision) -> PlanCore:
+    """The sync-free part of make_plan.
 
     No sort: the kept flags are laid out on an [E, T] grid (cell e * T + t; a token's slots
     name distinct experts, so no cell is hit twice) and ONE inclusive scan over the flattened
@@ -122,7 +142,18 @@ def make_plan(decision: RoutingDecision, sync_free: bool) -> DispatchPlan:
     rows_J = rows_J.scatter(0, torch.where(kept_N, slot_N, dump_N), dest_N)[:bound]
     bag_ends_T = slot_N.view(T, K)[:, -1] + 1 if K > 0 else slot_N.new_zeros(T)
     bag_offsets_T = F.pad(bag_ends_T[:-1], (1, 0)) if T > 0 else bag_ends_T
+    return PlanCore(token_B=token_B, weight_B=weight_B, offsets_E=offsets_E, rows_J=rows_J,
+                    bag_offsets_T=bag_offsets_T, num_tokens=T)
 
+
+def finish_plan(core: PlanCore, sync_free: bool) -> DispatchPlan:
+    """Exact: read the group ends (the one host sync) and cut the arrays to the kept pairs.
+    Sync-free: mark the rows past the kept pairs invalid and cut their bag entries into
+    scratch bags (tensor ops only)."""
+    token_B, weight_B, offsets_E, rows_J = core.token_B, core.weight_B, core.offsets_E, core.rows_J
+    bag_offsets_T, T = core.bag_offsets_T, core.num_tokens
+    bound = token_B.shape[0]
+    device = token_B.device
     if not sync_free:
         group_ends = tuple(offsets_E.tolist())          # the one host sync of this layer
         P = group_ends[-1] if group_ends else 0

@@ -5,16 +5,19 @@ Letters: T tokens, D hidden, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron.config import MoEConfig
-from megatron.model.mlp_gating import RoutingDecision, make_hash_table, route
-from megatron.model.moe.dispatch import combine, dispatch, make_plan
+from megatron.model.mlp_gating import (RoutingDecision, gumbel_noise_like, make_hash_table,
+                                       route)
+from megatron.model.moe.dispatch import (DispatchPlan, PlanCore, combine, dispatch, finish_plan,
+                                         plan_core)
 from megatron.model.moe.experts import Experts
 from megatron.model.moe.expert_parallel import expert_parallel_experts, shard_experts
 from megatron.model.moe.stats import MoEStats, compute_stats
@@ -114,13 +117,16 @@ class MoELayer(nn.Module):
                      with expert parallelism the rows travel to the rank owning their expert
                      and back (all_to_all, uneven splits)
         5. combine:  weighted fp32 scatter-add back to tokens; all-dropped tokens get 0
+        Steps 1-2 up to the sync, and the statistics, run as one torch.compile'd function with
+        config.compile_routing (static shapes: ~150 small ops become a few fused kernels).
         """
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
         token_ids_T = None if token_ids is None else token_ids.reshape(-1)
 
-        decision = self.decide(x_TD, token_ids_T)
-        plan = make_plan(decision, sync_free=self.config.sync_free)
+        decision, plan, stats = self.route_and_plan(x_TD, token_ids_T)
+        if isinstance(plan, PlanCore):
+            plan = finish_plan(plan, sync_free=False)          # the exact plan's host sync
         x_PD = dispatch(x_TD, plan)
         if self.expert_group is None:
             y_PD = self.experts(x_PD, plan.group_offsets_E, valid_P=plan.valid_P,
@@ -132,9 +138,52 @@ class MoELayer(nn.Module):
 
         aux_loss = (self.config.aux_loss_coeff * decision.aux_loss.float()
                     + self.config.z_loss_coeff * decision.z_loss.float())
-        stats = compute_stats(decision, self.layer_number, self.config.topk,
-                              self.config.ffn_hidden_size, self.dense_ffn_hidden_size)
+        stats = dataclasses.replace(stats, layer_number=self.layer_number)
         return MoEOutput(out_TD.reshape(shape), aux_loss, stats)
+
+    def route_and_plan(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]
+                       ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
+        """Steps 1-2 without a host sync (the exact plan is finished by the caller), compiled
+        with config.compile_routing (not for hash routing, whose id check reads the host)."""
+        noise_TE = None
+        step: Callable = routing_step
+        if self.config.compile_routing and self.gate_weight is not None:
+            step = compiled_routing_step()
+            if self.training and self.config.router == "topk" and self.config.topk > 1:
+                # Drawn eagerly, as route() would: the same random stream as without compile.
+                noise_TE = gumbel_noise_like(x_TD.new_empty(x_TD.shape[0], self.num_experts,
+                                                            dtype=torch.float32))
+        return step(x_TD, self.gate_weight, token_ids_T, self.hash_table, noise_TE,
+                    self.config, self.num_experts, self.training, self.dense_ffn_hidden_size)
+
+
+def routing_step(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor],
+                 token_ids_T: Optional[torch.Tensor], hash_table_V: Optional[torch.Tensor],
+                 noise_TE: Optional[torch.Tensor], config: MoEConfig, num_experts: int,
+                 training: bool, dense_ffn_hidden_size: int
+                 ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
+    """Router logits -> decision -> plan (finished if sync-free, else its sync-free core) and
+    statistics (layer number 0: the layer sets its own). A pure function of its arguments."""
+    logits_TE = None if gate_weight is None else F.linear(x_TD.float(), gate_weight.float())
+    decision = route(logits_TE, config, num_experts, training=training, token_ids_T=token_ids_T,
+                     hash_table_V=hash_table_V, noise_TE=noise_TE)
+    core = plan_core(decision)
+    plan = finish_plan(core, sync_free=True) if config.sync_free else core
+    stats = compute_stats(decision, 0, config.topk, config.ffn_hidden_size,
+                          dense_ffn_hidden_size)
+    return decision, plan, stats
+
+
+_COMPILED_ROUTING_STEP: Optional[Callable] = None
+
+
+def compiled_routing_step() -> Callable:
+    """torch.compile(routing_step), built once per process (shapes and config are guarded, so
+    layers of one shape share the compiled code)."""
+    global _COMPILED_ROUTING_STEP
+    if _COMPILED_ROUTING_STEP is None:
+        _COMPILED_ROUTING_STEP = torch.compile(routing_step, fullgraph=True, dynamic=False)
+    return _COMPILED_ROUTING_STEP
 
 
 def shard_moe_layers_(model: nn.Module, group: "torch.distributed.ProcessGroup") -> int:
