@@ -168,6 +168,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="Recompute each layer's activations in the backward pass.")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor): fused kernels, "
+                        "far fewer launches. Implies --moe-sync-free-dispatch (the exact "
+                        "dispatch reads sizes on the host: a graph break and a new shape "
+                        "every step); not with --moe-expert-parallel-size > 1.")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--loss-scale", type=float, default=None, help="Static; default dynamic.")
@@ -336,9 +341,11 @@ def _check_expert_parallel(args: argparse.Namespace, world_size: int) -> None:
     if world_size % ep:
         raise ValueError(f"--moe-expert-parallel-size {ep} must divide the world size "
                          f"({world_size} processes)")
-    if args.moe_sync_free_dispatch:
-        raise ValueError(f"--moe-sync-free-dispatch cannot be combined with "
-                         f"--moe-expert-parallel-size {ep} (the exchange needs host split sizes)")
+    for flag, on in (("--moe-sync-free-dispatch", args.moe_sync_free_dispatch),
+                     ("--compile", args.compile is not None)):
+        if on:
+            raise ValueError(f"{flag} cannot be combined with --moe-expert-parallel-size {ep} "
+                             "(the exchange needs host split sizes)")
 
 
 def _resolve_router(args: argparse.Namespace) -> str:
@@ -444,7 +451,8 @@ def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig
         min_capacity=args.moe_min_capacity, drop_tokens=args.moe_token_dropping,
         aux_loss_coeff=args.moe_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
         hash_seed=args.seed, vocab_size=padded_vocab_size,
-        expert_impl=args.moe_expert_impl, sync_free=args.moe_sync_free_dispatch,
+        expert_impl=args.moe_expert_impl,
+        sync_free=args.moe_sync_free_dispatch or args.compile is not None,
         expert_parallel_size=args.moe_expert_parallel_size,
         compile_routing=args.moe_compile_routing)
     return GPTConfig(
@@ -477,7 +485,7 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
         test_iters=args.test_iters, eval_only=args.eval_only, exit_interval=args.exit_interval,
         exit_duration_in_mins=args.exit_duration_in_mins, fp16=args.fp16, bf16=args.bf16,
         zero_stage=args.zero_stage, checkpoint_activations=args.checkpoint_activations,
-        distributed_backend=args.distributed_backend,
+        compile=args.compile, distributed_backend=args.distributed_backend,
         data_parallel_size=args.data_parallel_size, deepspeed=args.deepspeed,
         deepspeed_config=args.deepspeed_config,
         deepspeed_activation_checkpointing=args.deepspeed_activation_checkpointing,

@@ -216,8 +216,8 @@ def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
     if ep_size > 1:     # DeepSpeed loaded rank 0's experts everywhere: put each rank's own back
         load_expert_shard(engine.module, tag_dir, expert_parallel.rank, ep_size)
-        if not load_states:
-            refresh_master_weights(engine.optimizer)
+    if not load_states:     # fp32 masters (ours, or DeepSpeed's) <- the loaded weights
+        refresh_master_weights(engine.optimizer)
     version = client.get("checkpoint_version")
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{os.path.join(load_dir, tag)} has checkpoint format version "

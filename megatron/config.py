@@ -242,6 +242,7 @@ class TrainingConfig:
     bf16: bool = False                              # --bf16
     zero_stage: int = 0                             # DeepSpeed JSON zero_optimization.stage
     checkpoint_activations: bool = False            # --checkpoint-activations
+    compile: Optional[str] = None                   # --compile: torch.compile backend (None: off)
     distributed_backend: str = "gloo"               # --distributed-backend
     data_parallel_size: int = 1                     # world size / (tensor * pipeline) = world size
     deepspeed: bool = False                         # --deepspeed

@@ -87,12 +87,15 @@ def param_groups(model: nn.Module, weight_decay: float,
 
 
 def build_optimizer(model: nn.Module, config: Any, use_apex: bool = False,
-                    expert_group_name: Optional[str] = None) -> torch.optim.Optimizer:
+                    expert_group_name: Optional[str] = None,
+                    master_weights: bool = False) -> torch.optim.Optimizer:
     """AdamW over `param_groups(model, ...)` with config's lr, betas, eps and weight decay.
 
     expert_group_name (expert parallelism, "ep_size_N"): expert parameters always go into
     their own MoE groups of that name, whatever config.create_moe_param_group says (DeepSpeed
     reduces and partitions them over the expert-data-parallel group of that name).
+    master_weights: AdamW on fp32 master copies of the bf16 parameters
+    (megatron.mixed_precision.MasterWeightAdamW; bf16 without DeepSpeed's wrapper).
 
     torch's fused AdamW when every parameter is on CUDA, its foreach path otherwise. With
     use_apex, apex's FusedAdam (AdamW mode) if apex is importable, else torch's with a warning.
@@ -112,6 +115,9 @@ def build_optimizer(model: nn.Module, config: Any, use_apex: bool = False,
                            "using torch.optim.AdamW")
         else:
             return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    if master_weights:
+        from megatron.mixed_precision import MasterWeightAdamW
+        return MasterWeightAdamW(groups, **kwargs)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     if on_cuda:
         return torch.optim.AdamW(groups, fused=True, **kwargs)

@@ -13,6 +13,10 @@ plus the MoE aux loss) and `engine.backward`, `engine.step` on each (DeepSpeed s
 optimizer at the accumulation boundary); then the LR scheduler advances unless the step was
 skipped (fp16 overflow).
 
+bf16 at ZeRO stage 0 does not go through DeepSpeed's mixed precision: the model is cast here
+(routers kept fp32) and stepped by our master-weight AdamW (megatron/mixed_precision.py), which
+removes ~150 host syncs per step. What follows describes DeepSpeed's path (fp16, ZeRO 1/2).
+
 Mixed precision and the fp32 router: with bf16/fp16 enabled, DeepSpeed 0.19.8 casts EVERY
 floating parameter of the module to the half dtype in `_configure_distributed_model`
 (`_cast_module_mixed_precision`; its keep_in_fp32_modules setting covers buffers only), so the
@@ -49,6 +53,7 @@ from megatron.expert_groups import (ExpertParallelGroups, attach_deepspeed_moe_m
 from megatron.initialize import (barrier, initialize_distributed, is_rank_0, print_rank_0,
                                  set_random_seed)
 from megatron.learning_rates import LRScheduler
+from megatron.mixed_precision import cast_model_to_bf16
 from megatron.model import GPTModel
 from megatron.model.moe import shard_moe_layers_
 from megatron.optimizer import build_optimizer
@@ -139,6 +144,8 @@ class Trainer:
     expert_parallel: Optional[ExpertParallelGroups] = None
 
     def __post_init__(self) -> None:
+        if self.expert_parallel is None and self.run.model.moe.expert_parallel_size > 1:
+            self.expert_parallel = expert_parallel_groups(self.run)   # the existing groups
         moe = [layer for layer in self.model.transformer.layers if layer.is_moe]
         self.stats = IntervalStats([m.layer_number for m in moe], [m.num_experts for m in moe])
         t = self.run.training
@@ -147,8 +154,9 @@ class Trainer:
             self.run.logging.tensorboard_dir if is_rank_0() else None,
             self.run.logging.tensorboard_log_interval)
         # fp32 without ZeRO: DeepSpeed clips without recording the norm; compute it ourselves.
-        # With expert parallelism its norm there is wrong (see own_clipping): we clip too.
-        self.own_grad_norm = not (t.fp16 or t.bf16 or t.zero_stage > 0)
+        # With expert parallelism its norm there is wrong, and bf16 at stage 0 is ours
+        # (see own_clipping): we clip too.
+        self.own_grad_norm = not (t.fp16 or t.zero_stage > 0)
         self.own_clip = own_clipping(self.run, self.expert_parallel)
         self.train_iter = self.valid_iter = None
 
@@ -317,13 +325,23 @@ def _add(total: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
 # entry
 
 
+def own_bf16(run: RunConfig) -> bool:
+    """bf16 at ZeRO stage 0 runs on our master-weight AdamW, not DeepSpeed's bf16 wrapper
+    (megatron/mixed_precision.py says why)."""
+    return run.training.bf16 and run.training.zero_stage == 0
+
+
 def own_clipping(run: RunConfig, ep: Optional[ExpertParallelGroups]) -> bool:
-    """Whether we clip instead of DeepSpeed: fp32 without ZeRO under expert parallelism, where
-    DeepSpeed's clip_grad_norm_ averages per-rank norms that each see one expert shard (its
-    ZeRO and mixed-precision optimizers sum the shards' squares correctly)."""
+    """Whether we clip instead of DeepSpeed: with our own bf16 optimizer, and fp32 without ZeRO
+    under expert parallelism, where DeepSpeed's clip_grad_norm_ averages per-rank norms that
+    each see one expert shard (its ZeRO and mixed-precision optimizers sum the shards' squares
+    correctly)."""
     t = run.training
-    return (ep is not None and ep.size > 1 and run.optimizer.clip_grad > 0
-            and not (t.fp16 or t.bf16 or t.zero_stage > 0))
+    if run.optimizer.clip_grad <= 0:
+        return False
+    if own_bf16(run):
+        return True
+    return (ep is not None and ep.size > 1 and not (t.fp16 or t.bf16 or t.zero_stage > 0))
 
 
 def expert_parallel_groups(run: RunConfig) -> Optional[ExpertParallelGroups]:
@@ -356,15 +374,27 @@ def setup_model_and_optimizer(run: RunConfig, device: torch.device, train_iters:
         expert_parallel = expert_parallel_groups(run)
     model = GPTModel(run.model).to(device)
     ds_config = deepspeed_config_dict(run)
+    if own_bf16(run):
+        cast_model_to_bf16(model)                       # routers stay fp32
+        ds_config["bf16"] = {"enabled": False}          # DeepSpeed adds no optimizer wrapper
+        ds_config.pop("bfloat16", None)
     if expert_parallel is not None:
         shard_moe_layers_(model, expert_parallel.group)
         tag_expert_parameters(model, expert_parallel.name)
         attach_deepspeed_moe_marker(model, expert_parallel)
-        if own_clipping(run, expert_parallel):
-            ds_config["gradient_clipping"] = 0.0        # Trainer.train_step clips
+    if own_clipping(run, expert_parallel):
+        ds_config["gradient_clipping"] = 0.0            # Trainer.train_step clips
     optimizer = build_optimizer(model, run.optimizer,
-                                expert_group_name=expert_parallel and expert_parallel.name)
+                                expert_group_name=expert_parallel and expert_parallel.name,
+                                master_weights=own_bf16(run))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if t.compile is not None:
+        # In place: the engine calls engine.module, whose forward is now the compiled one.
+        engine.module.compile(backend=t.compile)
+    if engine.dp_world_size == 1 and expert_parallel is None and t.zero_stage == 0:
+        # One rank: nothing to reduce, but the engine would still flatten, "all-reduce" and
+        # copy back every gradient at each boundary (~6 ms of host time per step on an H200).
+        engine.enable_backward_allreduce = False
     if t.eval_only:         # nothing is stepped; the checkpoint's schedule is not needed
         return engine, engine.module, None
     scheduler = LRScheduler(optimizer, run.optimizer, train_iters=train_iters,

@@ -484,3 +484,13 @@ def test_compile_routing_flag(files):
     assert not configs(xmoe_argv(files), world_size=WORLD).model.moe.compile_routing
     run = configs(xmoe_argv(files, extra="--moe-compile-routing"), world_size=WORLD)
     assert run.model.moe.compile_routing
+
+
+def test_compile_flag_implies_sync_free_dispatch(files):
+    run = configs(xmoe_argv(files, extra="--compile"), world_size=WORLD)
+    assert run.training.compile == "inductor" and run.model.moe.sync_free
+    run = configs(xmoe_argv(files, extra="--compile aot_eager"), world_size=WORLD)
+    assert run.training.compile == "aot_eager"
+    assert configs(xmoe_argv(files), world_size=WORLD).training.compile is None
+    rejects(xmoe_argv(files, ep=2, extra="--compile"), "--compile", "--moe-expert-parallel-size 2",
+            world_size=WORLD)
