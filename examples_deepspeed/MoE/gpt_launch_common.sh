@@ -24,6 +24,16 @@ case "${PRECISION}" in
     fp32) FP16_ENABLED=false; BF16_ENABLED=false; precision_options=() ;;
     *) echo "PRECISION must be bf16, fp16 or fp32, got '${PRECISION}'" >&2; exit 2 ;;
 esac
+# COMPILE: routing (default: each MoE layer's routing and dispatch plan torch.compile'd, the
+# exact dispatch kept), model (the whole model compiled, sync-free dispatch: fastest on one H200,
+# not with expert parallelism) or none.
+COMPILE=${COMPILE:-routing}
+case "${COMPILE}" in
+    none) compile_options=() ;;
+    routing) compile_options=(--moe-compile-routing) ;;
+    model) compile_options=(--compile) ;;
+    *) echo "COMPILE must be routing, model or none, got '${COMPILE}'" >&2; exit 2 ;;
+esac
 if [[ "${LAUNCHER}" == deepspeed && "${NUM_NODES}" -gt 1 && -z "${HOSTFILE}" ]]; then
     echo "NUM_NODES=${NUM_NODES} with the deepspeed launcher needs HOSTFILE" \
          "(see hostfile.example), or use LAUNCHER=torchrun on every node" >&2
@@ -99,6 +109,7 @@ gpt_options=(
     --deepspeed_config "${CONFIG_JSON}"
     --zero-stage "${ZERO_STAGE}"
 )
+gpt_options+=("${compile_options[@]}")
 if [[ "${ACTIVATION_CHECKPOINT}" == true ]]; then
     gpt_options+=(--checkpoint-activations)
 fi
