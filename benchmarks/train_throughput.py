@@ -182,8 +182,6 @@ def megatron_argv(name: str, bench: argparse.Namespace, data_flags: List[str],
         argv += ["--global-batch-size", str(bench.global_batch_size)]
     if bench.sync_free:
         argv.append("--moe-sync-free-dispatch")
-    if bench.compile:
-        argv.append("--compile")            # the users' flag: engine.module.compile()
     return argv + shlex.split(bench.megatron_args)
 
 
@@ -314,7 +312,7 @@ def build_trainer(name: str, bench: argparse.Namespace, data_flags: List[str], d
     """(trainer, scales): the config's run built as pretrain_gpt.py builds it, its routers
     sharpened, compiled if asked, a synthetic iterator in place of the data loader."""
     from megatron.initialize import set_random_seed
-    from megatron.training import Trainer, setup_model_and_optimizer
+    from megatron.training import Trainer, compile_model, setup_model_and_optimizer
 
     vocab = 1000 if bench.small else VOCAB
     total = bench.warmup + bench.repeats * bench.iters + bench.profile_steps
@@ -325,6 +323,10 @@ def build_trainer(name: str, bench: argparse.Namespace, data_flags: List[str], d
     scales = []
     if bench.target_experts > 0:
         scales = sharpen_routers(engine, model, batches[0], device, bench.target_experts)
+    if bench.compile:
+        # What --compile does (megatron.training.compile_model), after sharpening: run in the
+        # compiled model, the sharpening's hooks and eval passes would force recompiles.
+        compile_model(model, "inductor")
     trainer = Trainer(run, engine, model, scheduler, device, total, (None, None, None))
     trainer.train_iter = cycle(batches)
     engine.train()
