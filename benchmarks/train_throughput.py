@@ -54,6 +54,10 @@ Metrics:
                       torch.profiler over --profile-steps steps; forward kernels under a range
                       around each MoELayer, backward kernels of the autograd nodes created
                       there (benchmarks/_moe_profile.py says how). Not with --compile.
+  all-to-all          with several ranks: time per step in the expert-parallel all-to-all,
+                      from the same profile (NCCL's all-to-all / SendRecv kernels on GPU, the
+                      c10d / gloo all-to-all ops on CPU, overlaps counted once), and its share
+                      of the timed step. A kernel's time includes waiting for the slowest peer.
 """
 
 from __future__ import annotations
@@ -137,6 +141,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--megatron-args", default="",
                    help="extra Megatron flags for every config; write it with '=', e.g. "
                         "--megatron-args='--checkpoint-activations --zero-stage 1'")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)   # the deepspeed launcher passes it (LOCAL_RANK too)
     args = p.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
@@ -286,6 +292,8 @@ class Result:
     params: int
     scales: List[float]
     on_gpu: bool
+    world: int = 1                      # ranks; the global batch is micro-batch x world
+    all_to_all_ms: Optional[float] = None   # all-to-all kernel (CPU: op) time per step
 
 
 def synchronize(device) -> None:
@@ -312,7 +320,8 @@ def build_trainer(name: str, bench: argparse.Namespace, data_flags: List[str], d
     """(trainer, scales): the config's run built as pretrain_gpt.py builds it, its routers
     sharpened, compiled if asked, a synthetic iterator in place of the data loader."""
     from megatron.initialize import set_random_seed
-    from megatron.training import Trainer, compile_model, setup_model_and_optimizer
+    from megatron.engine import compile_model, setup_model_and_optimizer
+    from megatron.training import Trainer
 
     vocab = 1000 if bench.small else VOCAB
     total = bench.warmup + bench.repeats * bench.iters + bench.profile_steps
@@ -349,10 +358,10 @@ def run_config(name: str, bench: argparse.Namespace, data_flags: List[str], devi
     per_step = statistics.median(loops)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
-    kernel_ms = moe_ms = None
+    kernel_ms = moe_ms = a2a_ms = None
     if bench.profile_steps > 0:
-        kernel_ms, moe_ms = profile_steps(trainer, bench.profile_steps, device, bench.profile,
-                                          name, bench.compile)
+        kernel_ms, moe_ms, a2a_ms = profile_steps(trainer, bench.profile_steps, device,
+                                                  bench.profile, name, bench.compile)
     used_layers = wanted = used = dropped = None
     if reports[0].moe_fields is not None:
         fields = torch.stack([r.moe_fields for r in reports]).mean(0).cpu()  # [L, 6]
@@ -366,7 +375,9 @@ def run_config(name: str, bench: argparse.Namespace, data_flags: List[str], devi
         tflops=flops / per_step / 1e12, mfu=flops / per_step / (PEAK_TFLOPS * 1e12),
         peak_gib=peak, used_per_token=used, wanted_per_token=wanted, dropped=dropped,
         kernel_ms=kernel_ms, moe_ms=moe_ms, lm_loss=float(reports[-1].lm_loss),
-        params=trainer.model.num_parameters(), scales=scales, on_gpu=device.type == "cuda")
+        params=trainer.model.num_parameters(), scales=scales, on_gpu=device.type == "cuda",
+        world=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        all_to_all_ms=a2a_ms)
     del trainer, reports
     gc.collect()
     if device.type == "cuda":
@@ -393,7 +404,16 @@ def result_line(r: Result) -> str:
             f" | MFU {100 * r.mfu:5.1f}% ({r.tflops:5.1f} TFLOP/s) | peak {r.peak_gib:5.1f} GiB"
             f" | GPU busy {busy} | experts/token {experts} | MoE share {share}"
             f" | lm loss {r.lm_loss:.3f}"
-            f" | params {r.params / 1e6:.1f}M")
+            f" | params {r.params / 1e6:.1f}M" + _all_to_all_field(r))
+
+
+def _all_to_all_field(r: Result) -> str:
+    """' | all-to-all X ms/step (Y% of step)' with several ranks and a profile, else ''."""
+    if r.world <= 1 or r.all_to_all_ms is None:
+        return ""
+    what = "NCCL kernels" if r.on_gpu else "gloo ops"
+    return (f" | all-to-all {r.all_to_all_ms:.2f} ms/step ({what}, "
+            f"{100 * r.all_to_all_ms / r.ms_per_step:.1f}% of step)")
 
 
 def summary_lines(results: Dict[str, Result]) -> List[str]:
@@ -431,7 +451,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    _, device = initialize_distributed(backend)
+    _, device = initialize_distributed(backend, bench.local_rank)
     world = torch.distributed.get_world_size()
     if torch.distributed.get_rank() != 0:       # every rank runs the steps; rank 0 reports
         sys.stdout = open(os.devnull, "w")

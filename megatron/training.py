@@ -13,20 +13,8 @@ plus the MoE aux loss) and `engine.backward`, `engine.step` on each (DeepSpeed s
 optimizer at the accumulation boundary); then the LR scheduler advances unless the step was
 skipped (fp16 overflow).
 
-bf16 at ZeRO stage 0 does not go through DeepSpeed's mixed precision: the model is cast here
-(routers kept fp32) and stepped by our master-weight AdamW (megatron/mixed_precision.py), which
-removes ~150 host syncs per step. What follows describes DeepSpeed's path (fp16, ZeRO 1/2).
-
-Mixed precision and the fp32 router: with bf16/fp16 enabled, DeepSpeed 0.19.8 casts EVERY
-floating parameter of the module to the half dtype in `_configure_distributed_model`
-(`_cast_module_mixed_precision`; its keep_in_fp32_modules setting covers buffers only), so the
-router's `gate_weight`, created fp32, is stored in bf16/fp16 in the engine's module while the
-optimizer keeps its fp32 master copy. `MoELayer.router_logits` upcasts the input and the weight
-(`.float()`), so the router matmul, softmax and routing decisions still run in fp32, on weights
-rounded to the half dtype once per step. Casting the weight back to fp32 after initialize would
-detach it from the optimizer's half/master pairing (the router would stop training), so we do not.
-fp16 needs ZeRO stage 1 or 2 with DeepSpeed 0.19.8 (see setup_model_and_optimizer); verified on
-an H200: fp16 + ZeRO 1 trains, skipping overflowed steps while the loss scale falls from 2**32.
+Building the model, optimizer and DeepSpeed engine (precision, expert parallelism, compile):
+megatron/engine.py.
 """
 
 from __future__ import annotations
@@ -45,18 +33,13 @@ from megatron.checkpointing import load_checkpoint, save_checkpoint
 from megatron.config import TrainingConfig
 from megatron.data.data_samplers import build_pretraining_data_loader
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
-from megatron.deepspeed_config import deepspeed_config_dict
 from megatron.evaluation import evaluate, forward_lm
-from megatron.expert_groups import (ExpertParallelGroups, attach_deepspeed_moe_marker,
-                                    clip_gradients_, create_expert_parallel_groups,
-                                    global_grad_norm, tag_expert_parameters)
+from megatron.engine import expert_parallel_groups, own_clipping, setup_model_and_optimizer
+from megatron.expert_groups import ExpertParallelGroups, clip_gradients_, global_grad_norm
 from megatron.initialize import (barrier, initialize_distributed, is_rank_0, print_rank_0,
                                  set_random_seed)
 from megatron.learning_rates import LRScheduler
-from megatron.mixed_precision import cast_model_to_bf16
 from megatron.model import GPTModel
-from megatron.model.moe import shard_moe_layers_
-from megatron.optimizer import build_optimizer
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, TensorBoardWriter,
                                    eval_block, iteration_line, moe_lines, moe_stats_tensors)
 
@@ -323,88 +306,6 @@ def _add(total: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # entry
-
-
-def own_bf16(run: RunConfig) -> bool:
-    """bf16 at ZeRO stage 0 runs on our master-weight AdamW, not DeepSpeed's bf16 wrapper
-    (megatron/mixed_precision.py says why)."""
-    return run.training.bf16 and run.training.zero_stage == 0
-
-
-def own_clipping(run: RunConfig, ep: Optional[ExpertParallelGroups]) -> bool:
-    """Whether we clip instead of DeepSpeed: with our own bf16 optimizer, and fp32 without ZeRO
-    under expert parallelism, where DeepSpeed's clip_grad_norm_ averages per-rank norms that
-    each see one expert shard (its ZeRO and mixed-precision optimizers sum the shards' squares
-    correctly)."""
-    t = run.training
-    if run.optimizer.clip_grad <= 0:
-        return False
-    if own_bf16(run):
-        return True
-    return (ep is not None and ep.size > 1 and not (t.fp16 or t.bf16 or t.zero_stage > 0))
-
-
-def compile_model(model: torch.nn.Module, backend: str) -> None:
-    """torch.compile the model in place (--compile): the engine calls engine.module, whose
-    forward is then the compiled one; parameter names and checkpoints are unchanged."""
-    model.compile(backend=backend)
-
-
-def expert_parallel_groups(run: RunConfig) -> Optional[ExpertParallelGroups]:
-    """DeepSpeed's expert-parallel groups for --moe-expert-parallel-size > 1, else None."""
-    size = run.model.moe.expert_parallel_size
-    return create_expert_parallel_groups(size) if size > 1 else None
-
-
-def setup_model_and_optimizer(run: RunConfig, device: torch.device, train_iters: int,
-                              expert_parallel: Optional[ExpertParallelGroups] = None):
-    """(engine, model, LRScheduler or None with --eval-only): GPTModel on `device`, our AdamW,
-    DeepSpeed's engine; the schedule's default horizon is train_iters.
-
-    With expert parallelism (`expert_parallel`, from `expert_parallel_groups`) every rank builds
-    the whole model from the same seed, keeps its shard of each MoE layer's experts and tags
-    them for DeepSpeed (see megatron/expert_groups.py).
-    """
-    import deepspeed  # heavy; imported where the engine is built
-
-    t = run.training
-    if t.fp16 and t.zero_stage == 0:
-        # DeepSpeed 0.19.8's engine.backward scales the loss only for ZeRO optimizers, but its
-        # stage-0 fp16 optimizer still divides the gradients by the loss scale (2**32 at first):
-        # updates vanish and the loss stalls (seen on an H200; deepspeedai/DeepSpeed#8393).
-        raise ValueError(f"--fp16 with ZeRO stage 0 does not train with DeepSpeed "
-                         f"{deepspeed.__version__} (the loss is never scaled, the gradients are "
-                         "unscaled; deepspeedai/DeepSpeed#8393): use --bf16, or --fp16 with "
-                         "--zero-stage 1 or 2")
-    if run.model.moe.expert_parallel_size > 1 and expert_parallel is None:
-        expert_parallel = expert_parallel_groups(run)
-    model = GPTModel(run.model).to(device)
-    ds_config = deepspeed_config_dict(run)
-    if own_bf16(run):
-        cast_model_to_bf16(model)                       # routers stay fp32
-        ds_config["bf16"] = {"enabled": False}          # DeepSpeed adds no optimizer wrapper
-        ds_config.pop("bfloat16", None)
-    if expert_parallel is not None:
-        shard_moe_layers_(model, expert_parallel.group)
-        tag_expert_parameters(model, expert_parallel.name)
-        attach_deepspeed_moe_marker(model, expert_parallel)
-    if own_clipping(run, expert_parallel):
-        ds_config["gradient_clipping"] = 0.0            # Trainer.train_step clips
-    optimizer = build_optimizer(model, run.optimizer,
-                                expert_group_name=expert_parallel and expert_parallel.name,
-                                master_weights=own_bf16(run))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if t.compile is not None:
-        compile_model(engine.module, t.compile)
-    if engine.dp_world_size == 1 and expert_parallel is None and t.zero_stage == 0:
-        # One rank: nothing to reduce, but the engine would still flatten, "all-reduce" and
-        # copy back every gradient at each boundary (~6 ms of host time per step on an H200).
-        engine.enable_backward_allreduce = False
-    if t.eval_only:         # nothing is stepped; the checkpoint's schedule is not needed
-        return engine, engine.module, None
-    scheduler = LRScheduler(optimizer, run.optimizer, train_iters=train_iters,
-                            global_batch_size=t.global_batch_size, seq_length=t.seq_length)
-    return engine, engine.module, scheduler
 
 
 def pretrain(run: RunConfig, vocab_size: Optional[int] = None) -> None:
