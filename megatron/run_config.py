@@ -1,0 +1,118 @@
+"""The run's typed configs, built from a validated command line (megatron/arguments.py).
+
+    run = build_configs(args, padded_vocab_size)   # RunConfig of small frozen dataclasses
+
+`build_configs` and `build_data_config` are the only readers of the argparse namespace besides
+megatron/arguments.py, which parses and validates it (and re-exports these names).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from megatron.config import (CheckpointConfig, DataConfig, GPTConfig, LoggingConfig, MoEConfig,
+                             OptimizerConfig, TrainingConfig)
+
+DEFAULT_THRESHOLD = 0.9          # the XMoE paper's threshold, used when --threshold is not given
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs, built once from the command line."""
+
+    model: GPTConfig
+    optimizer: OptimizerConfig
+    training: TrainingConfig
+    data: DataConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+
+
+def build_data_config(args: argparse.Namespace) -> DataConfig:
+    """The data config alone: the entry point builds the tokenizer (hence the padded vocabulary
+    size build_configs needs) from it."""
+    return DataConfig(
+        data_path=tuple(args.data_path or ()), split=args.split,
+        data_cache_path=args.data_cache_path, num_workers=args.num_workers,
+        tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+
+
+def build_configs(args: argparse.Namespace, padded_vocab_size: int) -> RunConfig:
+    """Turn a validated namespace into the run's frozen configs (the only reader of `args`)."""
+    if not hasattr(args, "router"):
+        raise ValueError("call validate_args(args, world_size) before build_configs")
+    return RunConfig(model=_model_config(args, padded_vocab_size),
+                     optimizer=_optimizer_config(args), training=_training_config(args),
+                     data=build_data_config(args), logging=_logging_config(args),
+                     checkpoint=_checkpoint_config(args))
+
+
+def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig:
+    ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    moe = MoEConfig(
+        router=args.router, ffn_hidden_size=args.moe_ffn_hidden_size or ffn_hidden_size,
+        topk=args.topk,
+        threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+        threshold_max_experts=args.threshold_max_experts,
+        train_capacity_factor=args.moe_train_capacity_factor,
+        eval_capacity_factor=args.moe_eval_capacity_factor,
+        min_capacity=args.moe_min_capacity, drop_tokens=args.moe_token_dropping,
+        aux_loss_coeff=args.moe_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
+        hash_seed=args.seed, vocab_size=padded_vocab_size,
+        expert_impl=args.moe_expert_impl,
+        sync_free=args.moe_sync_free_dispatch or args.compile is not None,
+        expert_parallel_size=args.moe_expert_parallel_size,
+        compile_routing=args.moe_compile_routing)
+    return GPTConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, padded_vocab_size=padded_vocab_size,
+        max_position_embeddings=args.max_position_embeddings, ffn_hidden_size=ffn_hidden_size,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, layernorm_epsilon=args.layernorm_epsilon,
+        params_dtype="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        num_experts=tuple(args.num_experts), expert_interval=args.expert_interval,
+        no_moe_layer_num=args.no_moe_layer_num, moe=moe,
+        checkpoint_activations=args.checkpoint_activations)
+
+
+def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(
+        lr=0.0 if args.lr is None else args.lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps, clip_grad=args.clip_grad, lr_decay_style=args.lr_decay_style,
+        lr_warmup_fraction=args.lr_warmup_fraction, lr_warmup_iters=args.lr_warmup_iters,
+        lr_warmup_tokens=args.lr_warmup_tokens, lr_decay_iters=args.lr_decay_iters,
+        lr_decay_tokens=args.lr_decay_tokens, create_moe_param_group=args.create_moe_param_group)
+
+
+def _training_config(args: argparse.Namespace) -> TrainingConfig:
+    return TrainingConfig(
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length, train_iters=args.train_iters, train_tokens=args.train_tokens,
+        seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        test_iters=args.test_iters, eval_only=args.eval_only, exit_interval=args.exit_interval,
+        exit_duration_in_mins=args.exit_duration_in_mins, fp16=args.fp16, bf16=args.bf16,
+        zero_stage=args.zero_stage, checkpoint_activations=args.checkpoint_activations,
+        compile=args.compile, distributed_backend=args.distributed_backend,
+        data_parallel_size=args.data_parallel_size, deepspeed=args.deepspeed,
+        deepspeed_config=args.deepspeed_config,
+        deepspeed_activation_checkpointing=args.deepspeed_activation_checkpointing,
+        loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=int(args.loss_scale_window),
+        hysteresis=args.hysteresis, local_rank=args.local_rank)
+
+
+def _logging_config(args: argparse.Namespace) -> LoggingConfig:
+    return LoggingConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+                         tensorboard_log_interval=args.tensorboard_log_interval,
+                         log_moe_stats=args.log_moe_stats)
+
+
+def _checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
+    return CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
+                            no_save_optim=args.no_save_optim, no_save_rng=args.no_save_rng,
+                            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+                            finetune=args.finetune)
