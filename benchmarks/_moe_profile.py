@@ -9,10 +9,17 @@ itself, so summing it over the op tree counts every kernel once. Router, dispatc
 GEMMs, combine, aux loss and statistics count; gradient accumulation into DeepSpeed's buffers
 and the optimizer do not. Under torch.compile the kernels fuse across module boundaries (and
 hooks would force recompiles), so only the total is measured there.
+
+The all-to-all time (expert parallelism): the union of the time spans of NCCL's all-to-all
+kernels on GPU (NCCL runs all_to_all_single as grouped send/recv: `ncclDevKernel_SendRecv`;
+names with AllToAll / all_to_all count too), or of the c10d / gloo all-to-all ops on CPU (gloo
+runs them on worker threads: the op's span is the exchange, peers' wait included). A union, so
+that an op and the work it enqueued are counted once.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -20,12 +27,13 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 MOE_RANGE = "moe_layer_"
+ALL_TO_ALL = re.compile(r"all_?to_?all|sendrecv", re.IGNORECASE)
 
 
 def profile_steps(trainer, steps: int, device: torch.device, print_table: bool, name: str,
-                  compiled: bool) -> Tuple[float, Optional[float]]:
-    """(kernel ms per step, MoE-layer kernel ms per step or None when compiled) over `steps`
-    profiled train steps (CPU time on CPU)."""
+                  compiled: bool) -> Tuple[float, Optional[float], float]:
+    """(kernel ms per step, MoE-layer kernel ms per step or None when compiled, all-to-all ms
+    per step) over `steps` profiled train steps (CPU time on CPU)."""
     layers = trainer.model.transformer.layers
     moe_layers = [] if compiled else [l.mlp for l in layers if l.is_moe]
     ranges, hooks = {}, []
@@ -58,11 +66,25 @@ def profile_steps(trainer, steps: int, device: torch.device, print_table: bool, 
     # over the op tree counts every kernel once (kernel events are listed besides them).
     events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     total_ms = sum(getattr(e, key) for e in events) / 1e3 / steps
+    a2a_ms = all_to_all_us(prof.events(), cuda) / 1e3 / steps
     if compiled:
-        return total_ms, None
+        return total_ms, None, a2a_ms
     seq_ranges = _moe_sequence_ranges(events)
     moe_ms = sum(getattr(e, key) for e in events if _in_moe(e, seq_ranges)) / 1e3 / steps
-    return total_ms, moe_ms
+    return total_ms, moe_ms, a2a_ms
+
+
+def all_to_all_us(events, cuda: bool) -> float:
+    """Microseconds covered by all-to-all kernels (cuda) or CPU ops (else), overlaps once."""
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == kind and ALL_TO_ALL.search(e.name))
+    total, end = 0.0, float("-inf")
+    for lo, hi in spans:
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
 
 
 def _moe_sequence_ranges(events) -> List[Tuple[int, int]]:
