@@ -13,8 +13,10 @@ import re
 import sysconfig
 from typing import Iterator, List
 
+# pydoc_data holds the generated help text as escaped string literals: one 250 KB "paragraph".
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
-              "__pycache__", "turtledemo", "ensurepip", "tkinter"}
+              "__pycache__", "turtledemo", "ensurepip", "tkinter", "pydoc_data"}
+_MAX_PARAGRAPH = 8_000           # characters; longer "paragraphs" are data, not prose
 _TRIPLE_QUOTED = re.compile(r'(\"\"\"|\'\'\')(.*?)\1', re.DOTALL)
 _COMMENT_BLOCK = re.compile(r"(?:^[ \t]*#[^\n]*\n){2,}", re.MULTILINE)   # 2+ comment lines
 _UNIQUE_POOL_BYTES = 6_000_000   # enough variety; larger corpora repeat it in a new order
@@ -52,7 +54,8 @@ def _file_paragraphs(path: str) -> Iterator[str]:
         for para in text.split("\n\n"):
             para = para.strip()
             letters = sum(c.isalpha() or c == " " for c in para)
-            if len(para) >= 40 and letters >= 0.8 * len(para):   # prose, not tables or code
+            if (40 <= len(para) <= _MAX_PARAGRAPH
+                    and letters >= 0.8 * len(para)):        # prose, not tables or code
                 yield para
 
 
