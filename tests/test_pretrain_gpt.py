@@ -518,3 +518,17 @@ def test_compile_flag_trains_like_eager(tiny_data, tmp_path):
     assert sorted(a) == list(range(1, 7))
     np.testing.assert_allclose([a[i] for i in range(1, 7)], [b[i] for i in range(1, 7)],
                                rtol=1e-5)
+
+
+def test_bf16_load_without_optimizer_state_keeps_the_weights(tiny_data, tmp_path):
+    """--no-load-optim: the fp32 master weights are refreshed from the loaded bf16 weights (were
+    they left at their initial values, the first step would throw the training away)."""
+    flags = model_flags(tiny_data) + ["--bf16", "--log-interval", "1", "--eval-interval", "100"]
+    run_pretrain(flags + ["--train-iters", "8", "--save", str(tmp_path / "a"),
+                          "--save-interval", "8", "--tensorboard-dir", str(tmp_path / "tb1")])
+    run_pretrain(flags + ["--train-iters", "10", "--load", str(tmp_path / "a"),
+                          "--no-load-optim", "--tensorboard-dir", str(tmp_path / "tb2")])
+    first = tensorboard_scalars(tmp_path / "tb1", "lm-loss")
+    resumed = tensorboard_scalars(tmp_path / "tb2", "lm-loss")
+    assert sorted(resumed) == [9, 10]       # iteration 10's forward runs on step 9's update
+    assert abs(resumed[10] - first[8]) < 0.5 < first[1] - first[8]
