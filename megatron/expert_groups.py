@@ -107,24 +107,30 @@ def global_grad_norm(model: nn.Module, ep: ExpertParallelGroups | None) -> torch
     Non-expert gradients are identical on every rank; expert gradients are identical within an
     expert-data-parallel group and differ across the expert-parallel group, so their squares
     are summed over the EP group (DeepSpeed's stage-0 fp32 clipping averages per-rank norms
-    instead, which mixes shards: we clip ourselves there).
+    instead, which mixes shards: we clip ourselves there). Multi-tensor (foreach) norms: a few
+    kernels per step, no host sync.
     """
     experts = {id(p) for p in expert_parameters(model)} if ep is not None else set()
     dense, expert = [], []
     for p in model.parameters():
         if p.grad is not None:
-            (expert if id(p) in experts else dense).append(p.grad.detach().float().pow(2).sum())
+            (expert if id(p) in experts else dense).append(p.grad.detach())
     device = next(model.parameters()).device
-    dense_sq = torch.stack(dense).sum() if dense else torch.zeros((), device=device)
-    expert_sq = torch.stack(expert).sum() if expert else torch.zeros((), device=device)
+    dense_sq, expert_sq = _sum_of_squares(dense, device), _sum_of_squares(expert, device)
     if ep is not None:
         dist.all_reduce(expert_sq, group=ep.group)
     return (dense_sq + expert_sq).sqrt()
 
 
+def _sum_of_squares(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp32 sum of squares of all `grads` (bf16 ones included: each norm is taken in fp32)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    return torch.stack(norms).square().sum()
+
+
 def clip_gradients_(model: nn.Module, max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale every gradient by min(1, max_norm / (total_norm + 1e-6)) (DeepSpeed's rule)."""
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.dtype))
+    """Scale every gradient by min(1, max_norm / (total_norm + 1e-6)) (DeepSpeed's rule), with
+    multi-tensor kernels."""
+    torch.nn.utils.clip_grads_with_norm_(list(model.parameters()), max_norm, total_norm)
