@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from megatron.expert_checkpoint import (check_layout, load_expert_shard,
-                                        refresh_master_weights, save_expert_shard, write_layout)
+from megatron.expert_checkpoint import (check_layout, load_expert_shard, save_expert_shard,
+                                        write_layout)
 from megatron.random_state import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
     if ep_size > 1:     # DeepSpeed loaded rank 0's experts everywhere: put each rank's own back
         load_expert_shard(engine.module, tag_dir, expert_parallel.rank, ep_size)
     if not load_states:     # fp32 masters (ours, or DeepSpeed's) <- the loaded weights
-        refresh_master_weights(engine.optimizer)
+        _refresh_master_weights(engine.optimizer)
     version = client.get("checkpoint_version")
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{os.path.join(load_dir, tag)} has checkpoint format version "
@@ -230,6 +230,15 @@ def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
         _restore_rng(client.get("rng_state"), os.path.join(load_dir, tag))
     logger.info("loaded checkpoint %s", os.path.join(load_dir, tag))
     return int(client["iteration"]), int(client["consumed_samples"])
+
+
+def _refresh_master_weights(optimizer: Any) -> None:
+    """After weights were loaded into the model only: make the optimizer's fp32 master copies
+    (if it keeps any: ours, ZeRO's, DeepSpeed's bf16/fp16 optimizers) equal to them again."""
+    for method in ("_restore_from_bit16_weights", "refresh_fp32_params"):
+        if hasattr(optimizer, method):
+            getattr(optimizer, method)()
+            return
 
 
 def _restore_rng(states: Optional[List[Dict[str, Any]]], where: str) -> None:

@@ -41,17 +41,14 @@ def own_bf16(run: RunConfig) -> bool:
     return run.training.bf16 and run.training.zero_stage == 0
 
 
-def own_clipping(run: RunConfig, ep: Optional[ExpertParallelGroups]) -> bool:
-    """Whether we clip instead of DeepSpeed: with our own bf16 optimizer, and fp32 without ZeRO
-    under expert parallelism, where DeepSpeed's clip_grad_norm_ averages per-rank norms that
-    each see one expert shard (its ZeRO and mixed-precision optimizers sum the shards' squares
-    correctly)."""
+def own_clipping(run: RunConfig) -> bool:
+    """Whether we compute the gradient norm and clip instead of DeepSpeed: whenever its ZeRO or
+    fp16 optimizers are not in charge (fp32, and bf16 on our master-weight AdamW, at ZeRO 0).
+    There DeepSpeed's fp32 clipping records no norm, and under expert parallelism averages
+    per-rank norms that each see one expert shard; ours (expert_groups.global_grad_norm) counts
+    every shard once. Its ZeRO and fp16 optimizers sum the shards' squares correctly."""
     t = run.training
-    if run.optimizer.clip_grad <= 0:
-        return False
-    if own_bf16(run):
-        return True
-    return (ep is not None and ep.size > 1 and not (t.fp16 or t.bf16 or t.zero_stage > 0))
+    return not (t.fp16 or t.zero_stage > 0)
 
 
 def compile_model(model: torch.nn.Module, backend: str) -> None:
@@ -98,7 +95,7 @@ def setup_model_and_optimizer(run: RunConfig, device: torch.device, train_iters:
         shard_moe_layers_(model, expert_parallel.group)
         tag_expert_parameters(model, expert_parallel.name)
         attach_deepspeed_moe_marker(model, expert_parallel)
-    if own_clipping(run, expert_parallel):
+    if own_clipping(run):
         ds_config["gradient_clipping"] = 0.0            # Trainer.train_step clips
     optimizer = build_optimizer(model, run.optimizer,
                                 expert_group_name=expert_parallel and expert_parallel.name,

@@ -20,13 +20,13 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 
 from megatron.fileio import atomic_write
-from megatron.model.moe import MoELayer
+from megatron.model.moe import named_expert_parameters
 
 LAYOUT_FILENAME = "xmoe_checkpoint.json"
 LAYOUT_VERSION = 1
@@ -34,16 +34,6 @@ LAYOUT_VERSION = 1
 
 def shard_filename(rank: int, size: int) -> str:
     return f"expert_parallel_rank_{rank:03d}_of_{size:03d}.pt"
-
-
-def named_expert_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """{state-dict name: parameter} of every MoELayer's experts (router excluded)."""
-    out = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            for name, p in module.experts.named_parameters():
-                out[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = p
-    return out
 
 
 def write_layout(tag_dir: str, expert_parallel_size: int, weights_only: bool = False) -> None:
@@ -80,37 +70,16 @@ def check_layout(tag_dir: str, expert_parallel_size: int) -> dict:
     return layout
 
 
-def save_expert_shard(model: nn.Module, tag_dir: str, rank: int, size: int) -> str:
-    """Write this rank's expert tensors (CPU copies) atomically; returns the path."""
-    tensors = {name: p.detach().cpu().clone() for name, p in named_expert_parameters(model).items()}
+def write_shard(tag_dir: str, rank: int, size: int, tensors: Dict[str, torch.Tensor]) -> str:
+    """Write one shard file atomically; returns its path."""
     path = os.path.join(tag_dir, shard_filename(rank, size))
     with atomic_write(path) as f:
         torch.save({"expert_parallel_size": size, "rank": rank, "tensors": tensors}, f)
     return path
 
 
-def load_expert_shard(model: nn.Module, tag_dir: str, rank: int, size: int) -> None:
-    """Copy this rank's expert tensors from the checkpoint into the model's parameters."""
-    path = os.path.join(tag_dir, shard_filename(rank, size))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the checkpoint lacks expert-parallel rank "
-                                f"{rank}'s experts")
-    shard = torch.load(path, map_location="cpu", weights_only=True)
-    params = named_expert_parameters(model)
-    tensors = shard["tensors"]
-    if set(tensors) != set(params):
-        raise ValueError(f"{path}: expert tensors {sorted(set(tensors) ^ set(params))} do not "
-                         "match the model")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the "
-                                 f"model's is {tuple(p.shape)}")
-            p.copy_(tensors[name])
-
-
-def read_shard_tensors(tag_dir: str, rank: int, size: int) -> Dict[str, torch.Tensor]:
-    """The tensors of one shard file (for the conversion tool)."""
+def read_shard(tag_dir: str, rank: int, size: int) -> Dict[str, torch.Tensor]:
+    """The tensors of one shard file; FileNotFoundError naming it if absent."""
     path = os.path.join(tag_dir, shard_filename(rank, size))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: the checkpoint lacks expert-parallel rank "
@@ -118,13 +87,26 @@ def read_shard_tensors(tag_dir: str, rank: int, size: int) -> Dict[str, torch.Te
     return torch.load(path, map_location="cpu", weights_only=True)["tensors"]
 
 
-def refresh_master_weights(optimizer: Optional[object]) -> None:
-    """After writing into the model's parameters: make the optimizer's fp32 master copies (if it
-    keeps any: ZeRO, DeepSpeed's bf16/fp16 optimizers) equal to them again."""
-    for method in ("_restore_from_bit16_weights", "refresh_fp32_params"):
-        if hasattr(optimizer, method):
-            getattr(optimizer, method)()
-            return
+def save_expert_shard(model: nn.Module, tag_dir: str, rank: int, size: int) -> str:
+    """Write this rank's expert tensors (CPU copies); returns the path."""
+    tensors = {name: p.detach().cpu().clone() for name, p in named_expert_parameters(model).items()}
+    return write_shard(tag_dir, rank, size, tensors)
+
+
+def load_expert_shard(model: nn.Module, tag_dir: str, rank: int, size: int) -> None:
+    """Copy this rank's expert tensors from the checkpoint into the model's parameters."""
+    where = os.path.join(tag_dir, shard_filename(rank, size))
+    tensors = read_shard(tag_dir, rank, size)
+    params = named_expert_parameters(model)
+    if set(tensors) != set(params):
+        raise ValueError(f"{where}: expert tensors {sorted(set(tensors) ^ set(params))} do not "
+                         "match the model")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, the "
+                                 f"model's is {tuple(p.shape)}")
+            p.copy_(tensors[name])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +122,7 @@ def full_expert_tensors(tag_dir: str, module_state: Dict[str, torch.Tensor], siz
     names = [k for k in module_state if _EXPERT_KEY.search(k)]
     if size == 1:
         return {k: module_state[k] for k in names}
-    shards = [read_shard_tensors(tag_dir, r, size) for r in range(size)]
+    shards = [read_shard(tag_dir, r, size) for r in range(size)]
     for r, shard in enumerate(shards):
         if set(shard) != set(names):
             raise ValueError(f"{os.path.join(tag_dir, shard_filename(r, size))}: expert tensors "
@@ -188,8 +170,7 @@ def convert_checkpoint(load_dir: str, tag: str, save_dir: str, target_size: int)
         torch.save(state, f)
     if target_size > 1:
         for r, tensors in enumerate(shards):
-            with atomic_write(os.path.join(tmp_dir, shard_filename(r, target_size))) as f:
-                torch.save({"expert_parallel_size": target_size, "rank": r, "tensors": tensors}, f)
+            write_shard(tmp_dir, r, target_size, tensors)
     write_layout(tmp_dir, target_size, weights_only=True)
     iteration = int(state.get("iteration", 0))
     publish_checkpoint_dir(save_dir, tmp_tag, tag, iteration)

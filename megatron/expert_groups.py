@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron.model.moe import MoELayer
+from megatron.model.moe import MoELayer, named_expert_parameters
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def create_expert_parallel_groups(expert_parallel_size: int) -> ExpertParallelGr
 
 def expert_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The parameters of every MoELayer's experts (router excluded)."""
-    return [p for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()]
+    return list(named_expert_parameters(model).values())
 
 
 def tag_expert_parameters(model: nn.Module, name: str) -> None:

@@ -66,16 +66,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         kwargs = dict(fused=True) if use_fused else dict(foreach=True)
         self.inner = torch.optim.AdamW(inner_groups, lr=lr, betas=betas, eps=eps,
                                        weight_decay=weight_decay, **kwargs)
+        # (params, masters) of the parameters with a separate master, fixed once.
+        pairs = [(p, m) for group, ms in zip(self.param_groups, self.masters)
+                 for p, m in zip(group["params"], ms) if m is not p]
+        self._params = [p for p, _ in pairs]
+        self._masters = [m for _, m in pairs]
 
     def _low_precision_pairs(self):
         """(params, masters) lists of the parameters with a separate master."""
-        params, masters = [], []
-        for group, ms in zip(self.param_groups, self.masters):
-            for p, m in zip(group["params"], ms):
-                if m is not p:
-                    params.append(p)
-                    masters.append(m)
-        return params, masters
+        return self._params, self._masters
 
     @torch.no_grad()
     def step(self, closure=None):

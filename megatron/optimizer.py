@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from megatron.model.moe import MoELayer
+from megatron.model.moe import named_expert_parameters
 from megatron.model.moe.experts import Experts
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ def _no_weight_decay(module: nn.Module, name: str) -> bool:
 
 def expert_parameter_ids(model: nn.Module) -> Set[int]:
     """ids of the parameters inside every MoELayer's `experts` (not the router)."""
-    return {id(p) for m in model.modules() if isinstance(m, MoELayer)
-            for p in m.experts.parameters()}
+    return {id(p) for p in named_expert_parameters(model).values()}
 
 
 def _named_trainable(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Parameter]]:

@@ -136,11 +136,8 @@ class Trainer:
         self.tensorboard = TensorBoardWriter(
             self.run.logging.tensorboard_dir if is_rank_0() else None,
             self.run.logging.tensorboard_log_interval)
-        # fp32 without ZeRO: DeepSpeed clips without recording the norm; compute it ourselves.
-        # With expert parallelism its norm there is wrong, and bf16 at stage 0 is ours
-        # (see own_clipping): we clip too.
-        self.own_grad_norm = not (t.fp16 or t.zero_stage > 0)
-        self.own_clip = own_clipping(self.run, self.expert_parallel)
+        # fp32 / our bf16 at ZeRO 0: we compute the norm and clip (engine.own_clipping).
+        self.own_clip = own_clipping(self.run)
         self.train_iter = self.valid_iter = None
 
     # ------------------------------------------------------------------------------------------
@@ -153,9 +150,9 @@ class Trainer:
         for _ in range(t.gradient_accumulation_steps):
             lm_loss, out = forward_lm(engine, next(self.train_iter), self.device)
             engine.backward(lm_loss + out.moe_aux_loss)
-            if self.own_grad_norm and engine.is_gradient_accumulation_boundary():
+            if self.own_clip and engine.is_gradient_accumulation_boundary():
                 own_norm = global_grad_norm(engine.module, self.expert_parallel)
-                if self.own_clip:
+                if self.run.optimizer.clip_grad > 0:
                     clip_gradients_(engine.module, self.run.optimizer.clip_grad, own_norm)
             engine.step()
             lm_sum = _add(lm_sum, lm_loss.detach())

@@ -14,7 +14,7 @@ from torch import nn
 
 from megatron.config import GPTConfig
 from megatron.model.embedding import Embedding
-from megatron.model.moe import MoELayer, MoEStats
+from megatron.model.moe import MoELayer, MoEStats, named_expert_parameters
 from megatron.model.transformer import Transformer
 
 
@@ -107,8 +107,7 @@ class GPTModel(nn.Module):
         """{"total", "expert", "non_expert"}: expert = MoE-layer parameters except the router,
         counted over the whole model (with expert parallelism, every rank's shard)."""
         expert = sum(_expert_numel(layer.mlp) for layer in self.transformer.layers)
-        local_expert = sum(p.numel() for layer in self.transformer.layers if layer.is_moe
-                           for p in layer.mlp.experts.parameters())
+        local_expert = sum(p.numel() for p in named_expert_parameters(self).values())
         non_expert = sum(p.numel() for p in self.parameters()) - local_expert
         return {"total": non_expert + expert, "expert": expert, "non_expert": non_expert}
 

@@ -95,9 +95,7 @@ class MoELayer(nn.Module):
 
     def router_logits(self, x_TD: torch.Tensor) -> Optional[torch.Tensor]:
         """fp32 logits [T, E] (None for hash routing); .float() undoes a model-wide cast."""
-        if self.gate_weight is None:
-            return None
-        return F.linear(x_TD.float(), self.gate_weight.float())
+        return router_logits(x_TD, self.gate_weight)
 
     def decide(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> RoutingDecision:
         """Route the flattened tokens (train or eval capacity follows self.training)."""
@@ -157,6 +155,15 @@ class MoELayer(nn.Module):
                     self.config, self.num_experts, self.training, self.dense_ffn_hidden_size)
 
 
+def router_logits(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor]
+                  ) -> Optional[torch.Tensor]:
+    """fp32 router logits [T, E] (None without a gate: hash routing); .float() undoes a
+    model-wide cast of the input or the weight."""
+    if gate_weight is None:
+        return None
+    return F.linear(x_TD.float(), gate_weight.float())
+
+
 def routing_step(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor],
                  token_ids_T: Optional[torch.Tensor], hash_table_V: Optional[torch.Tensor],
                  noise_TE: Optional[torch.Tensor], config: MoEConfig, num_experts: int,
@@ -164,7 +171,7 @@ def routing_step(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor],
                  ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
     """Router logits -> decision -> plan (finished if sync-free, else its sync-free core) and
     statistics (layer number 0: the layer sets its own). A pure function of its arguments."""
-    logits_TE = None if gate_weight is None else F.linear(x_TD.float(), gate_weight.float())
+    logits_TE = router_logits(x_TD, gate_weight)
     decision = route(logits_TE, config, num_experts, training=training, token_ids_T=token_ids_T,
                      hash_table_V=hash_table_V, noise_TE=noise_TE)
     core = plan_core(decision)
@@ -197,3 +204,15 @@ def shard_moe_layers_(model: nn.Module, group: "torch.distributed.ProcessGroup")
     for layer in layers:
         layer.shard_experts_(group)
     return len(layers)
+
+
+def named_expert_parameters(model: nn.Module) -> "dict[str, nn.Parameter]":
+    """{state-dict name: parameter} of every MoELayer's experts (routers excluded): the
+    parameters expert parallelism shards, DeepSpeed reduces per expert group and MoE optimizer
+    groups hold."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            for name, p in module.experts.named_parameters():
+                out[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = p
+    return out
