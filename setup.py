@@ -34,6 +34,8 @@ setup(
         "tensorboard",  # --tensorboard-dir (torch.utils.tensorboard.SummaryWriter)
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # triton: the MoE row kernels' CPU tests run them under its interpreter (CUDA builds
+        # of torch ship it already).
+        "test": ["pytest>=7", "triton"],
     },
 )

@@ -4,7 +4,10 @@
     python benchmarks/moe_layer.py --device cpu --small  # smoke run
 
 Ours: MoELayer (threshold router -> sorted dispatch -> grouped GEMM -> fp32 combine), in both
-dispatch variants (exact: one host sync per layer; sync-free: padded buffer, no sync).
+dispatch variants (exact: one host sync per layer; sync-free: padded buffer, no sync), with
+routing eager or compiled, and the row traffic as Triton kernels (default on CUDA) or torch ops
+(OURS_VARIANTS). --profile prints each variant's GPU kernel time and top kernels;
+--check-nan reruns each variant on memory pre-filled with NaN and checks every gradient.
 Baselines, run in the same process on the same weights and routing decisions:
   (a) the original algorithm: every expert computes exactly C = ceil(T / E * cf) rows of an
       [E, C, D] buffer, padding rows weighted 0, each expert's Linear-GeLU-Linear in a Python
@@ -40,6 +43,19 @@ from megatron.model.moe import MoELayer  # noqa: E402
 from megatron.model.moe.dispatch import make_plan  # noqa: E402
 
 
+# Our layer's variants: dispatch (exact: one host sync; sync-free: padded buffer), routing
+# eager or torch.compile'd, and the row traffic as Triton kernels ("auto" on CUDA) or torch ops.
+OURS_VARIANTS = [
+    ("ours exact, torch ops", dict(sync_free=False, compile_routing=False, kernels="torch")),
+    ("ours exact", dict(sync_free=False, compile_routing=False, kernels="auto")),
+    ("ours sync-free", dict(sync_free=True, compile_routing=False, kernels="auto")),
+    ("ours exact, rt compiled, torch", dict(sync_free=False, compile_routing=True,
+                                            kernels="torch")),
+    ("ours exact, routing compiled", dict(sync_free=False, compile_routing=True, kernels="auto")),
+    ("ours sync-free, rt compiled", dict(sync_free=True, compile_routing=True, kernels="auto")),
+]
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -66,6 +82,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-compile-routing", action="store_true",
                    help="skip the variants whose routing + plan run torch.compile'd "
                         "(MoEConfig.compile_routing; experts, dispatch and combine eager)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="time only these of our variants (names as printed)")
+    p.add_argument("--check-nan", action="store_true",
+                   help="run each of our variants once more on memory pre-filled with NaN "
+                        "(uninitialised padding rows must never leak into values or grads)")
     p.add_argument("--profile", action="store_true",
                    help="print the top CUDA kernels of one step of each variant")
     args = p.parse_args()
@@ -133,14 +154,44 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> str:
 
 
 def profile_step(step: Callable[[], None], name: str) -> None:
-    """Top kernels of one step by device time (torch.profiler)."""
+    """GPU kernels of one step: total kernel time and the top kernels by time (torch.profiler)."""
+    from collections import defaultdict
+
     from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
+    if not torch.cuda.is_available():
+        return
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
-    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    print(f"--- profile: {name}")
-    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name][0] += ev.device_time_total
+            per_kernel[ev.name][1] += 1
+    total = sum(t for t, _ in per_kernel.values())
+    print(f"--- profile: {name}: GPU kernel time {total / 1e3:.3f} ms in "
+          f"{sum(n for _, n in per_kernel.values())} kernels")
+    for kname, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"  {t / 1e3:8.3f} ms {n:4d}x  {kname[:110]}")
+
+
+def check_finite_with_dirty_memory(step: Callable[[], None], layer: MoELayer,
+                                   x_req: torch.Tensor, device: torch.device, name: str) -> None:
+    """Fill the caching allocator's free memory with NaN, run one step, check every gradient."""
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    junk = torch.full((2 * 2**30 // 4,), float("nan"), device=device)   # 2 GiB of NaN
+    del junk
+    layer.zero_grad(set_to_none=True)
+    x_req.grad = None
+    step()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None] + [x_req.grad]
+    bad = [g for g in grads if not bool(torch.isfinite(g).all())]
+    print(f"  {name}: {'NaN/inf in gradients!' if bad else 'finite on NaN-filled memory'}")
+    layer.zero_grad(set_to_none=True)
+    x_req.grad = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -273,29 +324,27 @@ def main() -> None:
     print(f"max |ours - baseline (a)| = {diff:.3g}; max |(a') - (a)| = {diff_b:.3g}")
 
     flop_per_row = 3 * 2 * 2 * D              # x F (expert) or F_dense; fwd + 2x for bwd
-    rows: Dict[str, float] = {"ours exact": kept * Fh, "ours sync-free": kept * Fh,
-                              "ours exact, routing compiled": kept * Fh,
-                              "ours sync-free, rt compiled": kept * Fh,
-                              "(a) capacity-padded": E * C_a * Fh,
-                              "(a') batched [E,C,D] bmm": E * C_a * Fh,
-                              "(b) dense FFN": T * F_dense,
-                              "router only (ours)": 0}
+    rows: Dict[str, float] = {name: kept * Fh for name, _ in OURS_VARIANTS}
+    rows.update({"(a) capacity-padded": E * C_a * Fh,
+                 "(a') batched [E,C,D] bmm": E * C_a * Fh,
+                 "(b) dense FFN": T * F_dense,
+                 "router only (ours)": 0})
     results: Dict[str, float] = {}
     print(f"{'variant':<30}{'ms/fwd+bwd':>12}{'TFLOP/s':>10}{'syncs/step':>12}{'peak MB':>10}"
           f"  (TFLOP/s = 12 * D * F * rows / time; rows = kept pairs | E * C | T)")
-    variants = [("ours exact", False, ours_step), ("ours sync-free", True, ours_step)]
-    if not args.no_compile_routing:
-        variants += [("ours exact, routing compiled", False, ours_step),
-                     ("ours sync-free, rt compiled", True, ours_step)]
+    variants = [(name, over, ours_step) for name, over in OURS_VARIANTS
+                if not (args.no_compile_routing and over["compile_routing"])
+                and (args.only is None or name in args.only)]
     variants += [("(a) capacity-padded", None, padded_step),
                  ("(a') batched [E,C,D] bmm", None, batched_step),
                  ("(b) dense FFN", None, dense_step),
                  ("router only (ours)", None, router_step)]
-    for name, sync_free, step in variants:
-        if sync_free is not None:
-            layer.config = dataclasses.replace(cfg, sync_free=sync_free,
-                                               compile_routing="compiled" in name)
+    for name, overrides, step in variants:
+        if overrides is not None:
+            layer.config = dataclasses.replace(cfg, **overrides)
         ms = time_step(step, device, args.warmup + (3 if "compiled" in name else 0), args.iters)
+        if overrides is not None and args.check_nan:
+            check_finite_with_dirty_memory(step, layer, x_req, device, name)
         syncs = count_syncs(step, device, verbose=args.profile)
         mem = peak_memory_mb(step, device)
         results[name] = ms
@@ -334,7 +383,7 @@ def time_compiled(layer, dense, x_req, grad, mode: str, device, args, results) -
         ms = time_step(c_ours, device, args.warmup + 3, args.iters)
         ms_dense = time_step(c_dense_step, device, args.warmup + 3, args.iters)
         syncs = count_syncs(c_ours, device)
-        if args.profile and mode == "default":
+        if args.profile:
             profile_step(c_ours, f"compiled ({mode}) ours sync-free")
     except Exception as e:  # report and go on: one run should tell everything it can
         print(f"compiled ({mode}): failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -127,6 +127,9 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                         "per shape at the first steps).")
     g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default="auto",
                    help="Expert compute: grouped GEMM, per-expert loop, or auto.")
+    g.add_argument("--moe-kernels", choices=("auto", "triton", "torch"), default="auto",
+                   help="Dispatch / GeLU / combine as Triton row kernels around the grouped "
+                        "GEMMs (auto: on CUDA when triton is installed) or as torch ops.")
     g.add_argument("--sparse-mlp", action="store_true",
                    help="XMoE fork: use its MoE layer rather than DeepSpeed's. That is the only "
                         "MoE layer here, so this flag is accepted and changes nothing.")

@@ -54,6 +54,7 @@ class MoEConfig:
     sync_free: bool = False                         # upper-bound dispatch buffer, no host sync
     expert_parallel_size: int = 1                   # --moe-expert-parallel-size
     compile_routing: bool = False                   # --moe-compile-routing (torch.compile)
+    kernels: str = "auto"                           # --moe-kernels: auto | triton | torch
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -77,6 +78,8 @@ class MoEConfig:
             raise ValueError("hash routing needs the vocabulary size (vocab_size)")
         if self.expert_impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert_impl must be auto, grouped or loop, got {self.expert_impl!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"--moe-kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.expert_parallel_size < 1:
             raise ValueError(f"--moe-expert-parallel-size must be >= 1, got "
                              f"{self.expert_parallel_size}")

@@ -494,3 +494,11 @@ def test_compile_flag_implies_sync_free_dispatch(files):
     assert configs(xmoe_argv(files), world_size=WORLD).training.compile is None
     rejects(xmoe_argv(files, ep=2, extra="--compile"), "--compile", "--moe-expert-parallel-size 2",
             world_size=WORLD)
+
+
+def test_moe_kernels_flag(files):
+    assert configs(xmoe_argv(files), world_size=WORLD).model.moe.kernels == "auto"
+    run = configs(xmoe_argv(files, extra="--moe-kernels torch"), world_size=WORLD)
+    assert run.model.moe.kernels == "torch"
+    with pytest.raises(SystemExit):
+        configs(xmoe_argv(files, extra="--moe-kernels cuda"), world_size=WORLD)

@@ -46,9 +46,10 @@ def make_layer(router="threshold", drop_tokens=True, sync_free=False, impl="loop
     torch.manual_seed(seed)
     layer = MoELayer(MoEConfig(**fields), D, num_experts, init_std=0.5, output_init_std=0.3,
                      layer_number=3, dense_ffn_hidden_size=4 * D)
-    with torch.no_grad():  # non-zero biases so gradients and outputs see them
-        layer.experts.b1.normal_(0, 0.1)
-        layer.experts.b2.normal_(0, 0.1)
+    if layer.experts.b1 is not None:
+        with torch.no_grad():  # non-zero biases so gradients and outputs see them
+            layer.experts.b1.normal_(0, 0.1)
+            layer.experts.b2.normal_(0, 0.1)
     return layer
 
 
@@ -129,8 +130,9 @@ def reference_forward(layer: MoELayer, x_BSD, ids_BS, d: RoutingDecision) -> tor
             w = p[e] if p is not None else torch.tensor(1.0)
             assert math.isclose(float(w.detach()), float(d.weights_TK[t, k].detach()),
                                 rel_tol=1e-6, abs_tol=1e-7)
-            h = F.gelu(xt @ ex.w1[e] + ex.b1[e])
-            acc = acc + w * (h @ ex.w2[e] + ex.b2[e])
+            b1, b2 = (0.0, 0.0) if ex.b1 is None else (ex.b1[e], ex.b2[e])
+            h = F.gelu(xt @ ex.w1[e] + b1)
+            acc = acc + w * (h @ ex.w2[e] + b2)
         out.append(acc)
     check_decision_rules(layer, d, torch.stack(probs) if probs else None, ids_BS.reshape(T))
     return torch.stack(out).reshape(B, S, D)

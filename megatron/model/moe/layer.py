@@ -20,6 +20,8 @@ from megatron.model.moe.dispatch import (DispatchPlan, PlanCore, combine, dispat
                                          plan_core)
 from megatron.model.moe.experts import Experts
 from megatron.model.moe.expert_parallel import expert_parallel_experts, shard_experts
+from megatron.model.moe.fused import (fused_experts, triton_router_logits, use_triton_kernels,
+                                      use_triton_router)
 from megatron.model.moe.stats import MoEStats, compute_stats
 
 
@@ -95,7 +97,7 @@ class MoELayer(nn.Module):
 
     def router_logits(self, x_TD: torch.Tensor) -> Optional[torch.Tensor]:
         """fp32 logits [T, E] (None for hash routing); .float() undoes a model-wide cast."""
-        return router_logits(x_TD, self.gate_weight)
+        return router_logits(x_TD, self.gate_weight, self.config.kernels)
 
     def decide(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> RoutingDecision:
         """Route the flattened tokens (train or eval capacity follows self.training)."""
@@ -114,8 +116,11 @@ class MoELayer(nn.Module):
         4. experts:  per-expert Linear-GeLU-Linear over contiguous groups (grouped GEMM or loop);
                      with expert parallelism the rows travel to the rank owning their expert
                      and back (all_to_all, uneven splits)
-        5. combine:  weighted fp32 scatter-add back to tokens; all-dropped tokens get 0
-        Steps 1-2 up to the sync, and the statistics, run as one torch.compile'd function with
+        5. combine:  weighted fp32 per-token sums back to tokens; all-dropped tokens get 0
+        On CUDA (config.kernels), steps 3-5 run as Triton row kernels around the two grouped
+        GEMMs (fused.py): same function, fewer passes, padding rows never touched; bf16 router
+        logits come from a Triton GEMM (router_gemm.py). Steps 1-2 after the logits, up to the
+        sync, and the statistics run as one torch.compile'd function with
         config.compile_routing (static shapes: ~150 small ops become a few fused kernels).
         """
         shape = hidden_states.shape
@@ -125,14 +130,18 @@ class MoELayer(nn.Module):
         decision, plan, stats = self.route_and_plan(x_TD, token_ids_T)
         if isinstance(plan, PlanCore):
             plan = finish_plan(plan, sync_free=False)          # the exact plan's host sync
-        x_PD = dispatch(x_TD, plan)
-        if self.expert_group is None:
-            y_PD = self.experts(x_PD, plan.group_offsets_E, valid_P=plan.valid_P,
-                                group_ends=plan.group_ends)
+        if self.expert_group is None and use_triton_kernels(self.config.kernels, x_TD,
+                                                            self.experts):
+            out_TD = fused_experts(x_TD, plan, self.experts, out_dtype=hidden_states.dtype)
         else:
-            y_PD = expert_parallel_experts(x_PD, plan.group_ends, self.experts,
-                                           self.expert_group)
-        out_TD = combine(y_PD, plan, out_dtype=hidden_states.dtype)
+            x_PD = dispatch(x_TD, plan)
+            if self.expert_group is None:
+                y_PD = self.experts(x_PD, plan.group_offsets_E, valid_P=plan.valid_P,
+                                    group_ends=plan.group_ends)
+            else:
+                y_PD = expert_parallel_experts(x_PD, plan.group_ends, self.experts,
+                                               self.expert_group)
+            out_TD = combine(y_PD, plan, out_dtype=hidden_states.dtype)
 
         aux_loss = (self.config.aux_loss_coeff * decision.aux_loss.float()
                     + self.config.z_loss_coeff * decision.z_loss.float())
@@ -143,35 +152,37 @@ class MoELayer(nn.Module):
                        ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
         """Steps 1-2 without a host sync (the exact plan is finished by the caller), compiled
         with config.compile_routing (not for hash routing, whose id check reads the host)."""
+        logits_TE = self.router_logits(x_TD)
         noise_TE = None
         step: Callable = routing_step
-        if self.config.compile_routing and self.gate_weight is not None:
+        if self.config.compile_routing and logits_TE is not None:
             step = compiled_routing_step()
             if self.training and self.config.router == "topk" and self.config.topk > 1:
                 # Drawn eagerly, as route() would: the same random stream as without compile.
-                noise_TE = gumbel_noise_like(x_TD.new_empty(x_TD.shape[0], self.num_experts,
-                                                            dtype=torch.float32))
-        return step(x_TD, self.gate_weight, token_ids_T, self.hash_table, noise_TE,
-                    self.config, self.num_experts, self.training, self.dense_ffn_hidden_size)
+                noise_TE = gumbel_noise_like(logits_TE)
+        return step(logits_TE, token_ids_T, self.hash_table, noise_TE, self.config,
+                    self.num_experts, self.training, self.dense_ffn_hidden_size)
 
 
-def router_logits(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor]
-                  ) -> Optional[torch.Tensor]:
+def router_logits(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor],
+                  kernels: str = "torch") -> Optional[torch.Tensor]:
     """fp32 router logits [T, E] (None without a gate: hash routing); .float() undoes a
-    model-wide cast of the input or the weight."""
+    model-wide cast of the input or the weight. bf16 inputs on CUDA take the Triton GEMM of
+    router_gemm.py (fp32-accurate, on tensor cores) unless kernels is "torch"."""
     if gate_weight is None:
         return None
+    if use_triton_router(kernels, x_TD):
+        return triton_router_logits(x_TD, gate_weight)
     return F.linear(x_TD.float(), gate_weight.float())
 
 
-def routing_step(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor],
-                 token_ids_T: Optional[torch.Tensor], hash_table_V: Optional[torch.Tensor],
-                 noise_TE: Optional[torch.Tensor], config: MoEConfig, num_experts: int,
-                 training: bool, dense_ffn_hidden_size: int
+def routing_step(logits_TE: Optional[torch.Tensor], token_ids_T: Optional[torch.Tensor],
+                 hash_table_V: Optional[torch.Tensor], noise_TE: Optional[torch.Tensor],
+                 config: MoEConfig, num_experts: int, training: bool,
+                 dense_ffn_hidden_size: int
                  ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
     """Router logits -> decision -> plan (finished if sync-free, else its sync-free core) and
     statistics (layer number 0: the layer sets its own). A pure function of its arguments."""
-    logits_TE = router_logits(x_TD, gate_weight)
     decision = route(logits_TE, config, num_experts, training=training, token_ids_T=token_ids_T,
                      hash_table_V=hash_table_V, noise_TE=noise_TE)
     core = plan_core(decision)

@@ -1,0 +1,146 @@
+"""Dispatch -> experts -> combine with Triton row kernels around the two grouped GEMMs.
+
+Letters: T tokens, D hidden, F expert hidden, P dispatch rows, N kept pairs (rows [0, N)).
+
+The same function as `combine(experts(dispatch(x)))` of dispatch.py / experts.py, in fewer
+and cheaper passes (see kernels.py for why): the grouped GEMMs run without biases (no ones
+column, no [w; b] weight copies, no strided weight-gradient slices), b1 is added inside the
+GeLU kernel and b2 inside the combine, which sums each token's rows with their weights in
+fp32; no pass touches the rows past N of a sync-free buffer (so no masking is needed either:
+grouped_mm leaves those rows alone, and so does every kernel here). Backward: dispatch's
+gradient is a per-token bag sum (no atomics), combine's two gradients come from one pass,
+bias gradients are per-expert row sums.
+
+Used on CUDA when triton is importable (MoEConfig.kernels "auto"), or always with "triton"
+(CPU tests run the kernels under triton's interpreter). Expert parallelism keeps the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.model.moe.dispatch import DispatchPlan
+from megatron.model.moe.experts import Experts
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+# Imported once, here: under torch.compile an import (or find_spec) inside the traced code
+# would be a graph break. Without triton (CPU installs) the torch path is used.
+try:
+    from megatron.model.moe import kernels as _KERNELS
+    from megatron.model.moe import router_gemm as _ROUTER_GEMM
+    _TRITON_AVAILABLE = True
+except (ImportError, RuntimeError):   # no triton, or one that cannot load here
+    _KERNELS = _ROUTER_GEMM = None
+    _TRITON_AVAILABLE = False
+
+
+def triton_available() -> bool:
+    """Whether triton can be imported (it ships with CUDA builds of torch)."""
+    return _TRITON_AVAILABLE
+
+
+def use_triton_kernels(choice: str, x: torch.Tensor, experts: Experts) -> bool:
+    """auto: CUDA + triton + grouped experts; triton: always (error if impossible); torch: never."""
+    if choice == "torch":
+        return False
+    if choice == "auto":
+        return x.is_cuda and triton_available() and experts.use_grouped(x)
+    if choice != "triton":
+        raise ValueError(f"--moe-kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    if not triton_available():
+        raise RuntimeError("--moe-kernels triton needs the triton package")
+    if not experts.use_grouped(x):
+        raise ValueError("--moe-kernels triton needs grouped experts (not --moe-expert-impl loop)")
+    return True
+
+
+def use_triton_router(choice: str, x: torch.Tensor) -> bool:
+    """The Triton router GEMM: auto on CUDA for bf16 inputs (exactly split); triton also on
+    CPU for fp32 inputs (the interpreter tests); never with torch."""
+    if choice == "torch" or not triton_available():
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16
+    return choice == "triton" and x.dtype == torch.float32
+
+
+def fused_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """out_TD[t] = sum over kept pairs (t, e) of weight * expert_e(x_TD[t]), fp32 sums."""
+    dtype = torch.bfloat16 if x_TD.is_cuda else experts.w1.dtype
+    offs = plan.group_offsets_E.to(torch.int32)
+    starts = plan.bag_offsets_B
+    x_PD = _GatherRows.apply(x_TD, plan.token_idx_P, offs, plan.bag_rows_J, starts, dtype)
+    h_PF = torch._grouped_mm(x_PD, experts.w1.to(dtype), offs=offs)
+    a_PF = _BiasGelu.apply(h_PF, experts.b1, offs)
+    y_PD = torch._grouped_mm(a_PF, experts.w2.to(dtype), offs=offs)
+    return _BiasCombine.apply(y_PD, plan.weight_P, experts.b2, plan.token_idx_P, offs,
+                              plan.bag_rows_J, starts, plan.num_tokens, out_dtype)
+
+
+def _kernels():
+    return _KERNELS
+
+
+def triton_router_logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Tensor:
+    """router_gemm.router_logits (fp32-accurate router GEMM on bf16 tensor cores)."""
+    return _ROUTER_GEMM.router_logits(x_TD, gate_ED)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: each kept pair's token row; backward: per-token sums of the row gradients."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_P, offs_E, rows_J, starts_T, dtype):
+        ctx.save_for_backward(rows_J, starts_T, offs_E)
+        ctx.num_tokens, ctx.x_dtype = x_TD.shape[0], x_TD.dtype
+        return _kernels().gather_rows(x_TD, token_P, offs_E, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_PD):
+        rows_J, starts_T, offs_E = ctx.saved_tensors
+        grad_TD = _kernels().bag_sum(grad_PD, rows_J, starts_T, offs_E, ctx.num_tokens, None,
+                                     None, ctx.x_dtype)
+        return grad_TD, None, None, None, None, None
+
+
+class _BiasGelu(torch.autograd.Function):
+    """gelu(h + b1[expert]) on the kept rows; dL/db1 = per-expert sums of dL/dh."""
+
+    @staticmethod
+    def forward(ctx, h_PF, b1_EF, offs_E):
+        ctx.save_for_backward(h_PF, b1_EF, offs_E)
+        return _kernels().gelu_rows(h_PF, b1_EF, offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_PF):
+        h_PF, b1_EF, offs_E = ctx.saved_tensors
+        k = _kernels()
+        grad_h = k.gelu_backward_rows(grad_PF, h_PF, b1_EF, offs_E)
+        grad_b1 = None
+        if b1_EF is not None and ctx.needs_input_grad[1]:
+            grad_b1 = k.segment_sum(grad_h, offs_E).to(b1_EF.dtype)
+        return grad_h, grad_b1, None
+
+
+class _BiasCombine(torch.autograd.Function):
+    """out_TD[t] = sum of weight_P[r] * (y_PD[r] + b2[expert of r]) over token t's rows (fp32)."""
+
+    @staticmethod
+    def forward(ctx, y_PD, weight_P, b2_ED, token_P, offs_E, rows_J, starts_T, num_tokens: int,
+                out_dtype):
+        ctx.save_for_backward(y_PD, weight_P, b2_ED, token_P, offs_E)
+        return _kernels().bag_sum(y_PD, rows_J, starts_T, offs_E, num_tokens, weight_P, b2_ED,
+                                  out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_PD, weight_P, b2_ED, token_P, offs_E = ctx.saved_tensors
+        k = _kernels()
+        grad_y, grad_w = k.combine_backward(grad_TD, y_PD, weight_P, b2_ED, token_P, offs_E)
+        grad_b2 = None
+        if b2_ED is not None and ctx.needs_input_grad[2]:
+            grad_b2 = k.segment_sum(grad_y, offs_E).to(b2_ED.dtype)
+        return grad_y, grad_w, grad_b2, None, None, None, None, None, None

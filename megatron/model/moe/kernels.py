@@ -1,0 +1,306 @@
+"""Triton kernels of the MoE layer's row traffic: gather, GeLU, combine and their backwards.
+
+Letters: T tokens, D hidden, F expert hidden, P dispatch rows (sorted by expert), N kept pairs
+(rows [0, N) hold them; N = group_offsets_E[-1] is read on the device, never on the host).
+
+Why: the sync-free dispatch buffer is sized by a static bound (capacity: E * C = 8 T rows at
+capacity factor 8) while ~3 T rows are used. Generic torch ops (index_select, where, gelu,
+embedding_bag) touch every row of it; these kernels read N from the device and skip the
+rest, so the padding costs memory, not time. They also fuse what torch needs several passes
+for: the expert biases (b1 into the GeLU, b2 into the combine, each row finding its expert
+among the E group ends), the combine weight into the per-token sum (fp32 accumulation, no
+atomics), and both combine gradients into one pass; bias gradients are per-expert sums of
+the sorted rows in a fixed order (deterministic, no atomics).
+Rows at or past N are never read or written: grouped_mm leaves them alone too.
+
+Row kernels give each program a contiguous share of rows [0, N) (a few programs per SM), so
+a padded buffer launches no idle work. Imported lazily (needs triton); on CPU the kernels
+run under triton's interpreter (TRITON_INTERPRET=1), which is how CPU tests check them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _row_range(offsets_ptr, num_experts):
+    """This program's contiguous share [start, end) of the kept rows [0, N)."""
+    n = tl.load(offsets_ptr + num_experts - 1)
+    chunk = (n + tl.num_programs(0) - 1) // tl.num_programs(0)
+    start = tl.program_id(0) * chunk
+    return start, tl.minimum(start + chunk, n)
+
+
+@triton.jit
+def _experts_of(offsets_ptr, num_experts, rows, BLOCK_E: tl.constexpr):
+    """The expert owning each of `rows`: the number of group ends <= row."""
+    e_idx = tl.arange(0, BLOCK_E)
+    ends = tl.load(offsets_ptr + e_idx, mask=e_idx < num_experts, other=2147483647)
+    return tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _expert_of(offsets_ptr, num_experts, row, BLOCK_E: tl.constexpr):
+    """The expert owning one row."""
+    e_idx = tl.arange(0, BLOCK_E)
+    ends = tl.load(offsets_ptr + e_idx, mask=e_idx < num_experts, other=2147483647)
+    return tl.sum((ends <= row).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_stride,
+                        D: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[p] = x[token[p]] for p < N, ROWS rows per step."""
+    start, end = _row_range(offsets_ptr, num_experts)
+    cols = tl.arange(0, BLOCK)
+    for p0 in range(start, end, ROWS):
+        rows = p0 + tl.arange(0, ROWS)
+        live = rows < end
+        mask = live[:, None] & (cols < D)[None, :]
+        t = tl.load(token_ptr + rows, mask=live, other=0)
+        v = tl.load(x_ptr + t[:, None] * x_stride + cols[None, :], mask=mask)
+        tl.store(out_ptr + tl.cast(rows, tl.int64)[:, None] * D + cols[None, :],
+                 v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_rows_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts, F: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_E: tl.constexpr):
+    """out[p] = gelu(h[p] + bias[expert(p)]) for p < N (exact erf form, fp32 math)."""
+    start, end = _row_range(offsets_ptr, num_experts)
+    cols = tl.arange(0, BLOCK)
+    for p0 in range(start, end, ROWS):
+        rows = p0 + tl.arange(0, ROWS)
+        live = rows < end
+        mask = live[:, None] & (cols < F)[None, :]
+        at = tl.cast(rows, tl.int64)[:, None] * F + cols[None, :]
+        x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
+            x += tl.load(bias_ptr + e[:, None] * F + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_HALF))
+        tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
+                          F: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[p] = grad[p] * gelu'(z) with z = h[p] + bias[expert(p)], gelu'(z) = Phi(z) + z phi(z)."""
+    start, end = _row_range(offsets_ptr, num_experts)
+    cols = tl.arange(0, BLOCK)
+    for p0 in range(start, end, ROWS):
+        rows = p0 + tl.arange(0, ROWS)
+        live = rows < end
+        mask = live[:, None] & (cols < F)[None, :]
+        at = tl.cast(rows, tl.int64)[:, None] * F + cols[None, :]
+        x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
+            x += tl.load(bias_ptr + e[:, None] * F + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
+        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        tl.store(out_ptr + at, (g * (cdf + x * pdf)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bag_sum_kernel(src_ptr, rows_ptr, starts_ptr, weight_ptr, bias_ptr, offsets_ptr, out_ptr,
+                    num_tokens, num_experts, D: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[t] = sum over j in token t's bag, r = rows[j], of
+    weight[r] * (src[r] + bias[expert(r)]), in fp32.
+
+    Token t's bag is rows[starts[t]:starts[t + 1]] (the last one ends at N)."""
+    t = tl.program_id(0)
+    n = tl.load(offsets_ptr + num_experts - 1)
+    start = tl.load(starts_ptr + t)
+    end = tl.load(starts_ptr + t + 1, mask=t + 1 < num_tokens, other=n)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(start, end):
+        r = tl.load(rows_ptr + j)
+        v = tl.load(src_ptr + r * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            e = _expert_of(offsets_ptr, num_experts, r, BLOCK_E)
+            v += tl.load(bias_ptr + e * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            v = v * tl.load(weight_ptr + r).to(tl.float32)
+        acc += v
+    tl.store(out_ptr + tl.cast(t, tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _combine_backward_kernel(grad_ptr, y_ptr, weight_ptr, bias_ptr, token_ptr, offsets_ptr,
+                             grad_y_ptr, grad_w_ptr, num_experts, D: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                             BLOCK_E: tl.constexpr):
+    """For rows p < N: g = grad[token[p]]; grad_y[p] = weight[p] * g;
+    grad_w[p] = <g, y[p] + bias[expert(p)]>."""
+    start, end = _row_range(offsets_ptr, num_experts)
+    cols = tl.arange(0, BLOCK)
+    for p0 in range(start, end, ROWS):
+        rows = p0 + tl.arange(0, ROWS)
+        live = rows < end
+        mask = live[:, None] & (cols < D)[None, :]
+        at = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+        t = tl.load(token_ptr + rows, mask=live, other=0)
+        g = tl.load(grad_ptr + t[:, None] * D + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
+            y += tl.load(bias_ptr + e[:, None] * D + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        tl.store(grad_y_ptr + at, (g * w[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_w_ptr + rows, tl.sum(g * y, axis=1), mask=live)
+
+
+@triton.jit
+def _segment_sum_kernel(src_ptr, offsets_ptr, out_ptr, K: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """out[e, cols] = sum of src[r, cols] over expert e's rows, in fp32 (fixed order)."""
+    e = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+    end = tl.load(offsets_ptr + e)
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        tile = tl.load(src_ptr + tl.cast(rows, tl.int64)[:, None] * K + cols[None, :],
+                       mask=(rows < end)[:, None] & (cols < K)[None, :], other=0.0)
+        acc += tile.to(tl.float32)
+    tl.store(out_ptr + e * K + cols, tl.sum(acc, axis=0), mask=cols < K)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _block(width: int) -> int:
+    return triton.next_power_of_2(max(width, 16))
+
+
+def _rows(block: int) -> int:
+    """Rows per step of a row kernel: ~4K elements per step."""
+    return max(1, min(8, 4096 // block))
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def _row_grid(device: torch.device, num_rows: int) -> tuple:
+    """Programs for a row kernel: a few per SM (a few rows each on CPU / interpreter)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return (max(1, min(num_rows, sms * 8)),)
+    return (max(1, min(num_rows, 4)),)
+
+
+def gather_rows(x_TD: torch.Tensor, token_P: torch.Tensor, offsets_E: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """[P, D] in `dtype`: rows p < N = x_TD[token_P[p]]; rows >= N uninitialised."""
+    P, (T, D) = token_P.shape[0], x_TD.shape
+    out = torch.empty(P, D, dtype=dtype, device=x_TD.device)
+    if P and T:
+        x_TD = x_TD.contiguous()
+        block = _block(D)
+        _gather_rows_kernel[_row_grid(x_TD.device, P)](
+            x_TD, token_P, offsets_E, out, offsets_E.shape[0], x_TD.stride(0), D=D,
+            ROWS=_rows(block), BLOCK=block, num_warps=_warps(block))
+    return out
+
+
+def gelu_rows(h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
+              offsets_E: torch.Tensor) -> torch.Tensor:
+    """[P, F]: rows p < N = gelu(h_PF[p] + bias_EF[expert of p]) (no bias: None)."""
+    P, Fh = h_PF.shape
+    h_PF = h_PF.contiguous()
+    out = torch.empty_like(h_PF)
+    if P:
+        block = _block(Fh)
+        _gelu_rows_kernel[_row_grid(h_PF.device, P)](
+            h_PF, _or(bias_EF, offsets_E), offsets_E, out, offsets_E.shape[0], F=Fh,
+            HAS_BIAS=bias_EF is not None, ROWS=_rows(block), BLOCK=block,
+            BLOCK_E=_block(offsets_E.shape[0]), num_warps=_warps(block))
+    return out
+
+
+def gelu_backward_rows(grad_PF: torch.Tensor, h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
+                       offsets_E: torch.Tensor) -> torch.Tensor:
+    """dL/dh [P, F] from dL/d(gelu_rows output); rows >= N uninitialised."""
+    P, Fh = h_PF.shape
+    grad_PF = grad_PF.contiguous()
+    out = torch.empty_like(h_PF)
+    if P:
+        block = _block(Fh)
+        _gelu_backward_kernel[_row_grid(h_PF.device, P)](
+            grad_PF, h_PF, _or(bias_EF, offsets_E), offsets_E, out, offsets_E.shape[0], F=Fh,
+            HAS_BIAS=bias_EF is not None, ROWS=_rows(block), BLOCK=block,
+            BLOCK_E=_block(offsets_E.shape[0]), num_warps=_warps(block))
+    return out
+
+
+def bag_sum(src_PD: torch.Tensor, rows_J: torch.Tensor, starts_T: torch.Tensor,
+            offsets_E: torch.Tensor, num_tokens: int, weight_P: Optional[torch.Tensor],
+            bias_ED: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """[T, D] in out_dtype: out[t] = sum over token t's rows r of weight_P[r] * (src_PD[r] +
+    bias_ED[expert of r]) (weight 1 / bias 0 when None), accumulated in fp32; 0 for empty bags."""
+    D = src_PD.shape[1]
+    src_PD = src_PD.contiguous()
+    out = torch.empty(num_tokens, D, dtype=out_dtype, device=src_PD.device)
+    if num_tokens:
+        block = _block(D)
+        _bag_sum_kernel[(num_tokens,)](
+            src_PD, rows_J, starts_T, _or(weight_P, offsets_E), _or(bias_ED, offsets_E),
+            offsets_E, out, num_tokens, offsets_E.shape[0], D=D,
+            HAS_WEIGHT=weight_P is not None, HAS_BIAS=bias_ED is not None, BLOCK=block,
+            BLOCK_E=_block(offsets_E.shape[0]), num_warps=_warps(block))
+    return out
+
+
+def combine_backward(grad_TD: torch.Tensor, y_PD: torch.Tensor, weight_P: torch.Tensor,
+                     bias_ED: Optional[torch.Tensor], token_P: torch.Tensor,
+                     offsets_E: torch.Tensor):
+    """(dL/dy [P, D] in y's dtype, rows >= N uninitialised; dL/dweight fp32 [P], 0 past N)."""
+    P, D = y_PD.shape
+    grad_TD = grad_TD.contiguous()
+    grad_y = torch.empty(P, D, dtype=y_PD.dtype, device=y_PD.device)
+    grad_w = torch.zeros(P, dtype=torch.float32, device=y_PD.device)
+    if P:
+        block = _block(D)
+        _combine_backward_kernel[_row_grid(y_PD.device, P)](
+            grad_TD, y_PD, weight_P, _or(bias_ED, offsets_E), token_P, offsets_E, grad_y, grad_w,
+            offsets_E.shape[0], D=D, HAS_BIAS=bias_ED is not None, ROWS=_rows(block),
+            BLOCK=block, BLOCK_E=_block(offsets_E.shape[0]), num_warps=_warps(block))
+    return grad_y, grad_w
+
+
+def segment_sum(src_PK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """fp32 [E, K]: row e = sum of src_PK's rows of expert e (a bias gradient)."""
+    K = src_PK.shape[1]
+    E = offsets_E.shape[0]
+    out = torch.empty(E, K, dtype=torch.float32, device=src_PK.device)
+    if E:
+        block = min(_block(K), 64)
+        _segment_sum_kernel[(E, triton.cdiv(K, block))](
+            src_PK.contiguous(), offsets_E, out, K=K, ROWS=64, BLOCK=block, num_warps=4)
+    return out
+
+
+def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel ignores when its flag is off."""
+    return placeholder if tensor is None else tensor

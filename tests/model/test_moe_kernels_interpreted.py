@@ -1,0 +1,31 @@
+"""Run test_moe_kernels.py on CPU under triton's interpreter, in a process of its own.
+
+triton decides between compiling and interpreting a kernel when it decorates it, from the
+TRITON_INTERPRET variable, so the variable must be set before anything imports the kernels:
+a fresh process is the clean way (and it keeps the interpreter out of every other test).
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron.model.moe.fused import triton_available
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs test_moe_kernels.py directly")
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(ROOT / "tests" / "model" / "test_moe_kernels.py")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 30, proc.stdout[-3000:]   # not silently skipped
