@@ -11,7 +11,7 @@ floating parameter of the module to the half dtype in `_configure_distributed_mo
 (`_cast_module_mixed_precision`; its keep_in_fp32_modules setting covers buffers only), so the
 router's `gate_weight`, created fp32, is stored in bf16/fp16 in the engine's module while the
 optimizer keeps its fp32 master copy. `MoELayer.router_logits` upcasts the input and the weight
-(`.float()`), so the router matmul, softmax and routing decisions still run in fp32, on weights
+(`.float()`; the Triton router GEMM of bf16 runs reads the weight as fp32), so the router matmul, softmax and routing decisions still run in fp32, on weights
 rounded to the half dtype once per step. Casting the weight back to fp32 after initialize would
 detach it from the optimizer's half/master pairing (the router would stop training), so we do not.
 fp16 needs ZeRO stage 1 or 2 with DeepSpeed 0.19.8 (see setup_model_and_optimizer); verified on

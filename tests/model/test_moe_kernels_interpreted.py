@@ -29,3 +29,15 @@ def test_kernels_under_interpreter():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed and int(passed.group(1)) >= 30, proc.stdout[-3000:]   # not silently skipped
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_kernels_on_cpu_without_interpreter_name_the_flag(monkeypatch):
+    from megatron.config import MoEConfig
+    from megatron.model.moe import MoELayer
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = MoELayer(MoEConfig(kernels="triton", expert_impl="grouped"), 16, 4, 0.02, 0.02, 1)
+    with pytest.raises(ValueError, match="--moe-kernels triton needs a CUDA device"):
+        layer(torch.randn(5, 16))

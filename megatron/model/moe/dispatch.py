@@ -3,7 +3,8 @@
 Letters: T tokens, D hidden, E experts, K choice slots per token, P rows of the dispatch buffer.
 
 A `RoutingDecision` says which (token, expert) pairs are kept. `make_plan` orders the kept pairs by
-expert (each expert's rows in token order) and records where each expert's group ends; the experts then run one grouped GEMM over contiguous row groups, so expert compute is
+expert (each expert's rows in token order) and records where each expert's group ends; the
+experts then run one grouped GEMM over contiguous row groups, so expert compute is
 proportional to kept pairs, never to capacity (unlike the [E, C, D] einsum dispatch of
 Megatron-DeepSpeed / GShard, which computes E * C rows whatever the load).
 

@@ -17,6 +17,8 @@ Used on CUDA when triton is importable (MoEConfig.kernels "auto"), or always wit
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from megatron.model.moe.dispatch import DispatchPlan
@@ -41,6 +43,12 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
+def _check_device(x: torch.Tensor) -> None:
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--moe-kernels triton needs a CUDA device (on CPU only under "
+                         "TRITON_INTERPRET=1, triton's interpreter, as the tests run it)")
+
+
 def use_triton_kernels(choice: str, x: torch.Tensor, experts: Experts) -> bool:
     """auto: CUDA + triton + grouped experts; triton: always (error if impossible); torch: never."""
     if choice == "torch":
@@ -51,6 +59,7 @@ def use_triton_kernels(choice: str, x: torch.Tensor, experts: Experts) -> bool:
         raise ValueError(f"--moe-kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
     if not triton_available():
         raise RuntimeError("--moe-kernels triton needs the triton package")
+    _check_device(x)
     if not experts.use_grouped(x):
         raise ValueError("--moe-kernels triton needs grouped experts (not --moe-expert-impl loop)")
     return True
@@ -63,7 +72,10 @@ def use_triton_router(choice: str, x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16
-    return choice == "triton" and x.dtype == torch.float32
+    if choice == "triton":
+        _check_device(x)
+        return x.dtype == torch.float32
+    return False
 
 
 def fused_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,

@@ -302,5 +302,5 @@ def segment_sum(src_PK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
 
 
 def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
-    """A pointer argument the kernel ignores when its flag is off."""
-    return placeholder if tensor is None else tensor
+    """A pointer argument the kernel ignores when its flag is off (contiguous when used)."""
+    return placeholder if tensor is None else tensor.contiguous()
