@@ -32,7 +32,7 @@ import argparse
 import os
 from typing import Optional
 
-from megatron.config import moe_layer_numbers
+from megatron.config import MOE_KERNELS, moe_layer_numbers
 from megatron.data.dataset_split import parse_data_path, parse_split
 from megatron.deepspeed_config import (  # noqa: F401  (re-exported for the entry point)
     check_deepspeed_args, deepspeed_config_dict, read_deepspeed_config)
@@ -127,7 +127,7 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                         "per shape at the first steps).")
     g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default="auto",
                    help="Expert compute: grouped GEMM, per-expert loop, or auto.")
-    g.add_argument("--moe-kernels", choices=("auto", "triton", "torch"), default="auto",
+    g.add_argument("--moe-kernels", choices=MOE_KERNELS, default="auto",
                    help="Dispatch / GeLU / combine as Triton row kernels around the grouped "
                         "GEMMs (auto: on CUDA when triton is installed) or as torch ops.")
     g.add_argument("--sparse-mlp", action="store_true",

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 from megatron.data.dataset_split import parse_data_path, parse_split
 
 ROUTERS = ("threshold", "topk", "switch", "hash")
+MOE_KERNELS = ("auto", "triton", "torch")   # --moe-kernels (see megatron/model/moe/fused.py)
 PARAMS_DTYPES = ("fp32", "fp16", "bf16")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 DISTRIBUTED_BACKENDS = ("nccl", "gloo")
@@ -78,8 +79,8 @@ class MoEConfig:
             raise ValueError("hash routing needs the vocabulary size (vocab_size)")
         if self.expert_impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert_impl must be auto, grouped or loop, got {self.expert_impl!r}")
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise ValueError(f"--moe-kernels must be auto, triton or torch, got {self.kernels!r}")
+        if self.kernels not in MOE_KERNELS:
+            raise ValueError(f"--moe-kernels must be one of {MOE_KERNELS}, got {self.kernels!r}")
         if self.expert_parallel_size < 1:
             raise ValueError(f"--moe-expert-parallel-size must be >= 1, got "
                              f"{self.expert_parallel_size}")

@@ -21,11 +21,9 @@ import os
 
 import torch
 
+from megatron.config import MOE_KERNELS
 from megatron.model.moe.dispatch import DispatchPlan
 from megatron.model.moe.experts import Experts
-
-KERNEL_CHOICES = ("auto", "triton", "torch")
-
 
 # Imported once, here: under torch.compile an import (or find_spec) inside the traced code
 # would be a graph break. Without triton (CPU installs) the torch path is used.
@@ -56,7 +54,7 @@ def use_triton_kernels(choice: str, x: torch.Tensor, experts: Experts) -> bool:
     if choice == "auto":
         return x.is_cuda and triton_available() and experts.use_grouped(x)
     if choice != "triton":
-        raise ValueError(f"--moe-kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+        raise ValueError(f"--moe-kernels must be one of {MOE_KERNELS}, got {choice!r}")
     if not triton_available():
         raise RuntimeError("--moe-kernels triton needs the triton package")
     _check_device(x)
@@ -92,10 +90,6 @@ def fused_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,
                               plan.bag_rows_J, starts, plan.num_tokens, out_dtype)
 
 
-def _kernels():
-    return _KERNELS
-
-
 def triton_router_logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Tensor:
     """router_gemm.router_logits (fp32-accurate router GEMM on bf16 tensor cores)."""
     return _ROUTER_GEMM.router_logits(x_TD, gate_ED)
@@ -108,13 +102,13 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x_TD, token_P, offs_E, rows_J, starts_T, dtype):
         ctx.save_for_backward(rows_J, starts_T, offs_E)
         ctx.num_tokens, ctx.x_dtype = x_TD.shape[0], x_TD.dtype
-        return _kernels().gather_rows(x_TD, token_P, offs_E, dtype)
+        return _KERNELS.gather_rows(x_TD, token_P, offs_E, dtype)
 
     @staticmethod
     def backward(ctx, grad_PD):
         rows_J, starts_T, offs_E = ctx.saved_tensors
-        grad_TD = _kernels().bag_sum(grad_PD, rows_J, starts_T, offs_E, ctx.num_tokens, None,
-                                     None, ctx.x_dtype)
+        grad_TD = _KERNELS.bag_sum(grad_PD, rows_J, starts_T, offs_E, ctx.num_tokens, None,
+                                   None, ctx.x_dtype)
         return grad_TD, None, None, None, None, None
 
 
@@ -124,16 +118,15 @@ class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_PF, b1_EF, offs_E):
         ctx.save_for_backward(h_PF, b1_EF, offs_E)
-        return _kernels().gelu_rows(h_PF, b1_EF, offs_E)
+        return _KERNELS.gelu_rows(h_PF, b1_EF, offs_E)
 
     @staticmethod
     def backward(ctx, grad_PF):
         h_PF, b1_EF, offs_E = ctx.saved_tensors
-        k = _kernels()
-        grad_h = k.gelu_backward_rows(grad_PF, h_PF, b1_EF, offs_E)
+        grad_h = _KERNELS.gelu_backward_rows(grad_PF, h_PF, b1_EF, offs_E)
         grad_b1 = None
         if b1_EF is not None and ctx.needs_input_grad[1]:
-            grad_b1 = k.segment_sum(grad_h, offs_E).to(b1_EF.dtype)
+            grad_b1 = _KERNELS.segment_sum(grad_h, offs_E).to(b1_EF.dtype)
         return grad_h, grad_b1, None
 
 
@@ -144,15 +137,15 @@ class _BiasCombine(torch.autograd.Function):
     def forward(ctx, y_PD, weight_P, b2_ED, token_P, offs_E, rows_J, starts_T, num_tokens: int,
                 out_dtype):
         ctx.save_for_backward(y_PD, weight_P, b2_ED, token_P, offs_E)
-        return _kernels().bag_sum(y_PD, rows_J, starts_T, offs_E, num_tokens, weight_P, b2_ED,
-                                  out_dtype)
+        return _KERNELS.bag_sum(y_PD, rows_J, starts_T, offs_E, num_tokens, weight_P, b2_ED,
+                                out_dtype)
 
     @staticmethod
     def backward(ctx, grad_TD):
         y_PD, weight_P, b2_ED, token_P, offs_E = ctx.saved_tensors
-        k = _kernels()
-        grad_y, grad_w = k.combine_backward(grad_TD, y_PD, weight_P, b2_ED, token_P, offs_E)
+        grad_y, grad_w = _KERNELS.combine_backward(grad_TD, y_PD, weight_P, b2_ED, token_P,
+                                                   offs_E)
         grad_b2 = None
         if b2_ED is not None and ctx.needs_input_grad[2]:
-            grad_b2 = k.segment_sum(grad_y, offs_E).to(b2_ED.dtype)
+            grad_b2 = _KERNELS.segment_sum(grad_y, offs_E).to(b2_ED.dtype)
         return grad_y, grad_w, grad_b2, None, None, None, None, None, None

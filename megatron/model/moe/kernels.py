@@ -56,6 +56,20 @@ def _expert_of(offsets_ptr, num_experts, row, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(src_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, W: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """fp32 tile src[rows, :W] + bias[expert of row] (rows < end), its element offsets and mask."""
+    mask = (rows < end)[:, None] & (cols < W)[None, :]
+    at = tl.cast(rows, tl.int64)[:, None] * W + cols[None, :]
+    v = tl.load(src_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
+        v += tl.load(bias_ptr + e[:, None] * W + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+    return v, at, mask
+
+
+@triton.jit
 def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_stride,
                         D: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """out[p] = x[token[p]] for p < N, ROWS rows per step."""
@@ -80,14 +94,8 @@ def _gelu_rows_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts, F: tl.
     cols = tl.arange(0, BLOCK)
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
-        live = rows < end
-        mask = live[:, None] & (cols < F)[None, :]
-        at = tl.cast(rows, tl.int64)[:, None] * F + cols[None, :]
-        x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
-            x += tl.load(bias_ptr + e[:, None] * F + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
+        x, at, mask = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, F,
+                                HAS_BIAS, BLOCK_E)
         y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_HALF))
         tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -101,14 +109,8 @@ def _gelu_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_e
     cols = tl.arange(0, BLOCK)
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
-        live = rows < end
-        mask = live[:, None] & (cols < F)[None, :]
-        at = tl.cast(rows, tl.int64)[:, None] * F + cols[None, :]
-        x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
-            x += tl.load(bias_ptr + e[:, None] * F + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
+        x, at, mask = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, F,
+                                HAS_BIAS, BLOCK_E)
         g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
         pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
@@ -155,16 +157,11 @@ def _combine_backward_kernel(grad_ptr, y_ptr, weight_ptr, bias_ptr, token_ptr, o
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
         live = rows < end
-        mask = live[:, None] & (cols < D)[None, :]
-        at = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+        y, at, mask = _row_tile(y_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, D,
+                                HAS_BIAS, BLOCK_E)
         t = tl.load(token_ptr + rows, mask=live, other=0)
         g = tl.load(grad_ptr + t[:, None] * D + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
-            y += tl.load(bias_ptr + e[:, None] * D + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
         w = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(grad_y_ptr + at, (g * w[:, None]).to(grad_y_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_w_ptr + rows, tl.sum(g * y, axis=1), mask=live)
@@ -277,7 +274,7 @@ def combine_backward(grad_TD: torch.Tensor, y_PD: torch.Tensor, weight_P: torch.
                      offsets_E: torch.Tensor):
     """(dL/dy [P, D] in y's dtype, rows >= N uninitialised; dL/dweight fp32 [P], 0 past N)."""
     P, D = y_PD.shape
-    grad_TD = grad_TD.contiguous()
+    grad_TD, y_PD = grad_TD.contiguous(), y_PD.contiguous()
     grad_y = torch.empty(P, D, dtype=y_PD.dtype, device=y_PD.device)
     grad_w = torch.zeros(P, dtype=torch.float32, device=y_PD.device)
     if P:
