@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Callable, Dict
@@ -157,13 +158,16 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> str:
     return f"{(torch.cuda.max_memory_allocated() - before) / 2**20:.0f}"
 
 
-def profile_step(step: Callable[[], None], name: str) -> None:
-    """GPU kernels of one step: total kernel time and the top kernels by time (torch.profiler)."""
+def profile_step(step: Callable[[], None], name: str,
+                 before: Callable[[], None] = lambda: None) -> None:
+    """GPU kernels of one step: total kernel time and the top kernels by time (torch.profiler).
+    `before` runs untimed ahead of the step (fresh gradients, as in time_step)."""
     from collections import defaultdict
 
     from torch.profiler import ProfilerActivity, profile
     if not torch.cuda.is_available():
         return
+    before()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
@@ -176,7 +180,7 @@ def profile_step(step: Callable[[], None], name: str) -> None:
     total = sum(t for t, _ in per_kernel.values())
     print(f"--- profile: {name}: GPU kernel time {total / 1e3:.3f} ms in "
           f"{sum(n for _, n in per_kernel.values())} kernels")
-    for kname, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]:
+    for kname, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"  {t / 1e3:8.3f} ms {n:4d}x  {kname[:110]}")
 
 
@@ -361,7 +365,7 @@ def main() -> None:
         mem = peak_memory_mb(step, device)
         results[name] = ms
         if args.profile:
-            profile_step(step, name)
+            profile_step(step, name, fresh_grads)
         tflops = flop_per_row * rows[name] / (ms * 1e-3) / 1e12
         tf = f"{tflops:.3g}" if tflops else "-"
         print(f"{name:<30}{ms:>12.3f}{tf:>10}{syncs:>12}{mem:>10}")
@@ -397,9 +401,10 @@ def time_compiled(layer, dense, x_req, grad, mode: str, device, args, results,
         ms_dense = time_step(c_dense_step, device, args.warmup + 3, args.iters, fresh_grads)
         syncs = count_syncs(c_ours, device)
         if args.profile:
-            profile_step(c_ours, f"compiled ({mode}) ours sync-free")
+            profile_step(c_ours, f"compiled ({mode}) ours sync-free", fresh_grads)
     except Exception as e:  # report and go on: one run should tell everything it can
         print(f"compiled ({mode}): failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        traceback.print_exc()
         return
     print(f"compiled ({mode}): ours sync-free {ms:.3f} ms ({syncs} syncs), dense FFN "
           f"{ms_dense:.3f} ms -> {ms / ms_dense:.2f}x the time of compiled (b) [target <= 1.5x]; "
@@ -430,6 +435,7 @@ def time_compiled_exact(layer, x_req, grad, mode: str, device, args, results,
     except Exception as e:
         print(f"compiled ({mode}) exact: failed: {type(e).__name__}: "
               f"{str(e).splitlines()[0][:200]}")
+        traceback.print_exc()
         return
     finally:
         layer.config = cfg

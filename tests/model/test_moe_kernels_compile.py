@@ -76,3 +76,45 @@ def test_row_kernels_compile_for_sm90():
 def test_router_gemm_kernels_compile_for_sm90():
     for case in router_kernel_cases():
         compile_for_sm90(*case)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+WRITTEN = ("out_ptr", "grad_y_ptr", "grad_w_ptr")   # the only pointers any kernel stores to
+
+
+def accessed_for_sm90(fn, pointers, scalars, constexprs):
+    """Pointer names torch.compile's analysis of a user Triton kernel believes are written."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+
+    class _Sm90:   # the analysis asks the active driver for its target; there is no GPU here
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    dtypes = {BF16: torch.bfloat16, I64: torch.int64, I32: torch.int32, F32: torch.float32}
+    kwargs = {name: (torch.zeros(4, dtype=dtypes[pointers[name]]) if name in pointers
+                     else 7 if name in scalars else constexprs[name]) for name in fn.arg_names}
+    driver = triton.runtime.driver
+    previous = driver._active      # None until first used; reset_active() would build one
+    driver.set_active(_Sm90())
+    try:
+        if hasattr(wrap, "identify_accessed_tensors"):          # torch >= 2.12
+            accesses = wrap.identify_accessed_tensors(fn, kwargs, {})
+            return {dep.name for dep in accesses.read_writes.writes}
+        return set(wrap.identify_mutated_tensors(fn, kwargs, {}))
+    finally:
+        driver._active = previous
+
+
+def test_compile_sees_only_outputs_written():
+    """torch.compile must see exactly the output pointers as written. A pointer wrongly seen as
+    written (e.g. a store address computed by a helper that also took the bias pointer) makes
+    the compiled layer fail in AOT autograd ("leaf Variable ... in-place operation") or
+    clone and copy back inputs on every call."""
+    for fn, pointers, scalars, constexprs in list(row_kernel_cases()) + list(router_kernel_cases()):
+        written = accessed_for_sm90(fn, pointers, scalars, constexprs)
+        expected = {name for name in pointers if name in WRITTEN}
+        assert written == expected, (fn.__name__, constexprs, written)

@@ -56,17 +56,29 @@ def _expert_of(offsets_ptr, num_experts, row, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _row_tile(src_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, W: tl.constexpr,
-              HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr):
-    """fp32 tile src[rows, :W] + bias[expert of row] (rows < end), its element offsets and mask."""
-    mask = (rows < end)[:, None] & (cols < W)[None, :]
-    at = tl.cast(rows, tl.int64)[:, None] * W + cols[None, :]
+def _tile_at(rows, cols, W: tl.constexpr):
+    """Element offsets of the tile [rows, :W] of a row-major [*, W] buffer.
+
+    Store addresses come from this helper of row and column indices only, never from a
+    helper that also takes pointers or loaded values: torch.compile's mutation analysis of
+    user Triton kernels treats a helper's result as derived from all its arguments, so a
+    store through such a result marks those pointers written (a parameter marked written
+    fails AOT autograd: "a leaf Variable that requires grad is being used in an in-place
+    operation"). tests/model/test_moe_kernels_compile.py checks the analysis.
+    """
+    return tl.cast(rows, tl.int64)[:, None] * W + cols[None, :]
+
+
+@triton.jit
+def _row_tile(src_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask,
+              W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """fp32 tile src[at] + bias[expert of row] (masked): values only (see _tile_at)."""
     v = tl.load(src_ptr + at, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
         v += tl.load(bias_ptr + e[:, None] * W + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
-    return v, at, mask
+    return v
 
 
 @triton.jit
@@ -94,8 +106,10 @@ def _gelu_rows_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts, F: tl.
     cols = tl.arange(0, BLOCK)
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
-        x, at, mask = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, F,
-                                HAS_BIAS, BLOCK_E)
+        at = _tile_at(rows, cols, F)
+        mask = (rows < end)[:, None] & (cols < F)[None, :]
+        x = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask, F,
+                      HAS_BIAS, BLOCK_E)
         y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_HALF))
         tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -109,8 +123,10 @@ def _gelu_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_e
     cols = tl.arange(0, BLOCK)
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
-        x, at, mask = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, F,
-                                HAS_BIAS, BLOCK_E)
+        at = _tile_at(rows, cols, F)
+        mask = (rows < end)[:, None] & (cols < F)[None, :]
+        x = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask, F,
+                      HAS_BIAS, BLOCK_E)
         g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
         pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
@@ -157,8 +173,10 @@ def _combine_backward_kernel(grad_ptr, y_ptr, weight_ptr, bias_ptr, token_ptr, o
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
         live = rows < end
-        y, at, mask = _row_tile(y_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, end, D,
-                                HAS_BIAS, BLOCK_E)
+        at = _tile_at(rows, cols, D)
+        mask = (rows < end)[:, None] & (cols < D)[None, :]
+        y = _row_tile(y_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask, D,
+                      HAS_BIAS, BLOCK_E)
         t = tl.load(token_ptr + rows, mask=live, other=0)
         g = tl.load(grad_ptr + t[:, None] * D + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
