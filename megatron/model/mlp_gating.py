@@ -24,7 +24,7 @@ together):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ class RoutingDecision:
     z_loss:       fp32 scalar   unscaled router z-loss mean(logsumexp(logits)^2) (0 for hash)
     top1_prob_T:  fp32  [T]     probability of each token's first choice (stats; detached)
     capacity:     Optional[int] per-expert capacity used (None when dropless)
+    rows_TK:      int32 [T, K]  dispatch row of each kept pair (expert-major, token-minor;
+                                undefined elsewhere) when the capacity function computed it
+                                (capacity_kernels.py), else None (dispatch.plan_core does)
     """
 
     experts_TK: torch.Tensor
@@ -59,6 +62,7 @@ class RoutingDecision:
     z_loss: torch.Tensor
     top1_prob_T: torch.Tensor
     capacity: Optional[int]
+    rows_TK: Optional[torch.Tensor] = None
 
 
 # ----------------------------------------------------------------------------- losses and noise
@@ -169,6 +173,22 @@ def capacity_and_counts(experts_TK: torch.Tensor, wanted_TK: torch.Tensor,
     return kept_N.view(num_tokens, num_slots), tokens_per_expert_E
 
 
+# (experts_TK, wanted_TK, probs_TK, num_experts, capacity) -> (kept_TK, kept pairs per expert,
+# rows_TK or None). torch_capacity below, or the Triton kernels of moe/capacity_kernels.py
+# (same decisions, plus each kept pair's dispatch row), which the MoE layer passes on CUDA.
+CapacityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Optional[int]],
+                      Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+
+
+def torch_capacity(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: torch.Tensor,
+                   num_experts: int, capacity: Optional[int]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """capacity_and_counts as a CapacityFn (no dispatch rows)."""
+    kept_TK, tokens_per_expert_E = capacity_and_counts(experts_TK, wanted_TK, probs_TK,
+                                                       num_experts, capacity)
+    return kept_TK, tokens_per_expert_E, None
+
+
 # ----------------------------------------------------------------------------- routers
 
 def _check_logits(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -179,13 +199,14 @@ def _check_logits(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 def _decide(logits_TE: torch.Tensor, probs_TE: torch.Tensor, experts_TK: torch.Tensor,
-            wanted_TK: torch.Tensor, capacity: Optional[int]) -> RoutingDecision:
+            wanted_TK: torch.Tensor, capacity: Optional[int],
+            capacity_fn: CapacityFn) -> RoutingDecision:
     """Shared tail of the softmax routers: capacity, weights, counts and losses."""
     num_experts = probs_TE.shape[1]
     picked_TK = probs_TE.gather(1, experts_TK)                  # keeps autograd to the logits
     probs_TK = picked_TK.detach()
-    kept_TK, tokens_per_expert_E = capacity_and_counts(experts_TK, wanted_TK, probs_TK,
-                                                       num_experts, capacity)
+    kept_TK, tokens_per_expert_E, rows_TK = capacity_fn(experts_TK, wanted_TK, probs_TK,
+                                                        num_experts, capacity)
     return RoutingDecision(
         experts_TK=experts_TK,
         weights_TK=torch.where(kept_TK, picked_TK, 0.0),
@@ -197,11 +218,13 @@ def _decide(logits_TE: torch.Tensor, probs_TE: torch.Tensor, experts_TK: torch.T
         z_loss=router_z_loss(logits_TE),
         top1_prob_T=probs_TK[:, 0],
         capacity=capacity,
+        rows_TK=rows_TK,
     )
 
 
 def threshold_route(logits_TE: torch.Tensor, threshold: float, capacity: Optional[int],
-                    max_experts: Optional[int] = None) -> RoutingDecision:
+                    max_experts: Optional[int] = None,
+                    capacity_fn: CapacityFn = torch_capacity) -> RoutingDecision:
     """XMoE threshold routing (Yang et al. 2024, sec. 3.2): the fewest experts whose mass >= t.
 
     Experts are ranked by probability (stable: ties go to the lower expert index) and a token
@@ -227,11 +250,12 @@ def threshold_route(logits_TE: torch.Tensor, threshold: float, capacity: Optiona
     sorted_TK, experts_TK = sorted_TE[:, :num_slots], order_TE[:, :num_slots]
     before_TK = F.pad(torch.cumsum(sorted_TK.double(), dim=-1)[:, :-1], (1, 0)).float()
     wanted_TK = before_TK < threshold        # fp32 tensor vs Python float: compared in fp32
-    return _decide(logits_TE, probs_TE, experts_TK, wanted_TK, capacity)
+    return _decide(logits_TE, probs_TE, experts_TK, wanted_TK, capacity, capacity_fn)
 
 
 def topk_route(logits_TE: torch.Tensor, k: int, capacity: Optional[int],
-               noise_TE: Optional[torch.Tensor] = None) -> RoutingDecision:
+               noise_TE: Optional[torch.Tensor] = None,
+               capacity_fn: CapacityFn = torch_capacity) -> RoutingDecision:
     """Top-k routing; K = k, every slot wanted.
 
     The first choice is argmax of the softmax probabilities (ties: lowest index). The other
@@ -265,12 +289,13 @@ def topk_route(logits_TE: torch.Tensor, k: int, capacity: Optional[int],
         rest_TJ = noised_order_TE.gather(1, slot_1J + (slot_1J >= first_pos_T1).long())
         experts_TK = torch.cat([first_T1, rest_TJ], dim=1)
     wanted_TK = torch.ones((num_tokens, k), dtype=torch.bool, device=logits_TE.device)
-    return _decide(logits_TE, probs_TE, experts_TK, wanted_TK, capacity)
+    return _decide(logits_TE, probs_TE, experts_TK, wanted_TK, capacity, capacity_fn)
 
 
-def switch_route(logits_TE: torch.Tensor, capacity: Optional[int]) -> RoutingDecision:
+def switch_route(logits_TE: torch.Tensor, capacity: Optional[int],
+                 capacity_fn: CapacityFn = torch_capacity) -> RoutingDecision:
     """Switch Transformer top-1 routing (Fedus et al. 2021): K = 1, weight = top-1 probability."""
-    return topk_route(logits_TE, 1, capacity)
+    return topk_route(logits_TE, 1, capacity, capacity_fn=capacity_fn)
 
 
 def make_hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
@@ -287,7 +312,8 @@ def make_hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tenso
 
 
 def hash_route(token_ids_T: Optional[torch.Tensor], hash_table_V: Optional[torch.Tensor],
-               num_experts: int, capacity: Optional[int]) -> RoutingDecision:
+               num_experts: int, capacity: Optional[int],
+               capacity_fn: CapacityFn = torch_capacity) -> RoutingDecision:
     """Hash routing: expert = hash_table_V[token_id], weight 1, K = 1, no router losses.
 
     With capacity, the earlier tokens of an expert are kept (every probability is 1). The
@@ -304,13 +330,14 @@ def hash_route(token_ids_T: Optional[torch.Tensor], hash_table_V: Optional[torch
     experts_TK = hash_table_V.to(device)[token_ids_T].long().unsqueeze(1)
     ones_TK = torch.ones(experts_TK.shape, dtype=torch.float32, device=device)
     wanted_TK = torch.ones(experts_TK.shape, dtype=torch.bool, device=device)
-    kept_TK, tokens_per_expert_E = capacity_and_counts(experts_TK, wanted_TK, ones_TK,
-                                                       num_experts, capacity)
+    kept_TK, tokens_per_expert_E, rows_TK = capacity_fn(experts_TK, wanted_TK, ones_TK,
+                                                        num_experts, capacity)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     return RoutingDecision(
         experts_TK=experts_TK, weights_TK=kept_TK.float(), wanted_TK=wanted_TK,
         kept_TK=kept_TK, probs_TK=ones_TK, tokens_per_expert_E=tokens_per_expert_E,
-        aux_loss=zero, z_loss=zero.clone(), top1_prob_T=ones_TK[:, 0], capacity=capacity)
+        aux_loss=zero, z_loss=zero.clone(), top1_prob_T=ones_TK[:, 0], capacity=capacity,
+        rows_TK=rows_TK)
 
 
 # ----------------------------------------------------------------------------- dispatcher
@@ -319,29 +346,32 @@ def route(logits_TE: Optional[torch.Tensor], config: MoEConfig, num_experts: int
           training: bool, token_ids_T: Optional[torch.Tensor] = None,
           hash_table_V: Optional[torch.Tensor] = None,
           generator: Optional[torch.Generator] = None,
-          noise_TE: Optional[torch.Tensor] = None) -> RoutingDecision:
+          noise_TE: Optional[torch.Tensor] = None,
+          capacity_fn: CapacityFn = torch_capacity) -> RoutingDecision:
     """Route with the router `config.router` names, at the train or eval capacity.
 
     Top-k draws Gumbel noise (from `generator`) only when training and k > 1, unless the
     caller drew it already (`noise_TE`, used only then). Hash routing reads token ids and the
-    table instead of the logits, which may then be None.
+    table instead of the logits, which may then be None. `capacity_fn` applies capacity (the
+    MoE layer passes the Triton kernels on CUDA).
     """
     if config.router == "hash":
         num_tokens = 0 if token_ids_T is None else token_ids_T.numel()
         capacity = config.capacity(num_tokens, num_experts, training)
-        return hash_route(token_ids_T, hash_table_V, num_experts, capacity)
+        return hash_route(token_ids_T, hash_table_V, num_experts, capacity, capacity_fn)
     if logits_TE is None or logits_TE.dim() != 2 or logits_TE.shape[1] != num_experts:
         shape = None if logits_TE is None else tuple(logits_TE.shape)
         raise ValueError(f"router logits must be [tokens, {num_experts}], got {shape}")
     capacity = config.capacity(logits_TE.shape[0], num_experts, training)
     if config.router == "threshold":
-        return threshold_route(logits_TE, config.threshold, capacity, config.threshold_max_experts)
+        return threshold_route(logits_TE, config.threshold, capacity,
+                               config.threshold_max_experts, capacity_fn)
     if config.router == "topk":
         if not (training and config.topk > 1):
             noise_TE = None
         elif noise_TE is None:
             noise_TE = gumbel_noise_like(logits_TE, generator)
-        return topk_route(logits_TE, config.topk, capacity, noise_TE)
+        return topk_route(logits_TE, config.topk, capacity, noise_TE, capacity_fn)
     if config.router == "switch":
-        return switch_route(logits_TE, capacity)
+        return switch_route(logits_TE, capacity, capacity_fn)
     raise AssertionError(f"unhandled router {config.router!r}")  # MoEConfig validates the name

@@ -1,4 +1,5 @@
-"""Every Triton kernel of the MoE layer compiles for an H100/H200 (sm_90), without a GPU.
+"""Every Triton kernel of the MoE layer compiles for an H100/H200 (sm_90), without a GPU, and
+torch.compile's analysis of it sees exactly its outputs as written.
 
 The interpreter (test_moe_kernels_interpreted.py) checks what the kernels compute but not that
 they compile: the compiler is stricter (constexpr globals, consistent types across branches),
@@ -12,7 +13,7 @@ from megatron.model.moe.fused import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
 
-BF16, I64, I32, F32 = "*bf16", "*i64", "*i32", "*fp32"
+BF16, I64, I32, F32, U8 = "*bf16", "*i64", "*i32", "*fp32", "*u8"
 
 
 def compile_for_sm90(fn, pointers, scalars, constexprs):
@@ -68,6 +69,22 @@ def router_kernel_cases():
         dict(sizes, rows_per_chunk="i32"), tiles
 
 
+def capacity_kernel_cases():
+    from megatron.model.moe import capacity_kernels as c
+    sizes = dict(T="i32", K="i32")
+    yield c._slot_grid_kernel, dict(experts_ptr=I64, wanted_ptr=U8, grid_ptr=I32), sizes, \
+        dict(BLOCK_T=64, BLOCK_K=64)
+    yield c._cutoff_kernel, dict(grid_ptr=I32, probs_ptr=F32, cut_ptr=I32), \
+        dict(sizes, capacity="i32"), dict(KB=128, BLOCK_T=2048)
+    yield c._rows_kernel, dict(grid_ptr=I32, probs_ptr=F32, cut_ptr=I32, kept_ptr=U8,
+                               rows_ptr=I32, counts_ptr=I64), \
+        dict(sizes, num_experts="i32"), dict(BLOCK_T=2048, BLOCK_E=64)
+
+
+def all_cases():
+    return list(row_kernel_cases()) + list(router_kernel_cases()) + list(capacity_kernel_cases())
+
+
 def test_row_kernels_compile_for_sm90():
     for case in row_kernel_cases():
         compile_for_sm90(*case)
@@ -78,9 +95,17 @@ def test_router_gemm_kernels_compile_for_sm90():
         compile_for_sm90(*case)
 
 
+def test_capacity_kernels_compile_for_sm90():
+    for case in capacity_kernel_cases():
+        compile_for_sm90(*case)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 
-WRITTEN = ("out_ptr", "grad_y_ptr", "grad_w_ptr")   # the only pointers any kernel stores to
+# The pointers each kernel stores to; every other kernel stores to out_ptr only.
+WRITTEN = {"_combine_backward_kernel": {"grad_y_ptr", "grad_w_ptr"},
+           "_slot_grid_kernel": {"grid_ptr"}, "_cutoff_kernel": {"cut_ptr"},
+           "_rows_kernel": {"kept_ptr", "rows_ptr", "counts_ptr"}}
 
 
 def accessed_for_sm90(fn, pointers, scalars, constexprs):
@@ -94,7 +119,8 @@ def accessed_for_sm90(fn, pointers, scalars, constexprs):
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
 
-    dtypes = {BF16: torch.bfloat16, I64: torch.int64, I32: torch.int32, F32: torch.float32}
+    dtypes = {BF16: torch.bfloat16, I64: torch.int64, I32: torch.int32, F32: torch.float32,
+              U8: torch.uint8}
     kwargs = {name: (torch.zeros(4, dtype=dtypes[pointers[name]]) if name in pointers
                      else 7 if name in scalars else constexprs[name]) for name in fn.arg_names}
     driver = triton.runtime.driver
@@ -114,7 +140,7 @@ def test_compile_sees_only_outputs_written():
     written (e.g. a store address computed by a helper that also took the bias pointer) makes
     the compiled layer fail in AOT autograd ("leaf Variable ... in-place operation") or
     clone and copy back inputs on every call."""
-    for fn, pointers, scalars, constexprs in list(row_kernel_cases()) + list(router_kernel_cases()):
+    for fn, pointers, scalars, constexprs in all_cases():
         written = accessed_for_sm90(fn, pointers, scalars, constexprs)
-        expected = {name for name in pointers if name in WRITTEN}
+        expected = WRITTEN.get(fn.__name__, {"out_ptr"})
         assert written == expected, (fn.__name__, constexprs, written)

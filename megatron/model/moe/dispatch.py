@@ -98,29 +98,22 @@ def make_plan(decision: RoutingDecision, sync_free: bool) -> DispatchPlan:
 def plan_core(decision: RoutingDecision) -> PlanCore:
     """The sync-free part of make_plan.
 
-    No sort: the kept flags are laid out on an [E, T] grid (cell e * T + t; a token's slots
-    name distinct experts, so no cell is hit twice) and ONE inclusive scan over the flattened
-    grid numbers the kept pairs in expert-major, token-minor order: a pair's row is its cell's
-    scan value - 1, and expert e's group ends at the scan value of cell e * T + T - 1. The grid
-    costs O(T * E), like the router's [T, E] probabilities. Rows are then filled by a scatter of
-    pair indices (unique destinations, no atomics contending).
+    Each kept pair's row in expert-major, token-minor order comes from the capacity kernels
+    (decision.rows_TK) or from _number_pairs; rows are then filled by a scatter of pair
+    indices (unique destinations, no atomics contending).
     """
     experts_TK, kept_TK = decision.experts_TK, decision.kept_TK
     T, K = experts_TK.shape
     E = decision.tokens_per_expert_E.shape[0]
     device = experts_TK.device
     bound = dispatch_bound(T, K, E, decision.capacity)
-    index_dtype = torch.int32 if E * T < 2**31 else torch.int64
 
-    cell_N = (experts_TK * T + torch.arange(T, device=device)[:, None]).reshape(-1)
     kept_N = kept_TK.reshape(-1)
-    grid_G = torch.zeros(E * T, dtype=index_dtype, device=device)     # G = E * T cells
-    grid_G.scatter_add_(0, cell_N, kept_N.to(index_dtype))
-    ends_G = torch.cumsum(grid_G, 0, dtype=index_dtype)
-    if T > 0:
-        offsets_E = ends_G.view(E, T)[:, -1].to(torch.int32).contiguous()
+    if decision.rows_TK is not None:      # the capacity kernels numbered the kept pairs already
+        offsets_E = torch.cumsum(decision.tokens_per_expert_E, 0).to(torch.int32)
+        row_N = decision.rows_TK.reshape(-1).long()
     else:
-        offsets_E = torch.zeros(E, dtype=torch.int32, device=device)
+        offsets_E, row_N = _number_pairs(experts_TK, kept_N, E, T)
 
     # pair_B[p] = flat pair index n = t * K + k of row p. Rows past the kept pairs keep the
     # filler p (a valid, spread pair index: bound <= T * K), so the index_select backward of
@@ -129,7 +122,7 @@ def plan_core(decision: RoutingDecision) -> PlanCore:
     # sliced off.
     n_N = torch.arange(T * K, device=device)
     dump_N = bound + (n_N & (DUMP - 1))
-    dest_N = torch.where(kept_N, ends_G.index_select(0, cell_N).long() - 1, dump_N)
+    dest_N = torch.where(kept_N, row_N, dump_N)
     pair_B = torch.arange(bound + DUMP, device=device).scatter(0, dest_N, n_N)[:bound]
     # index_select, not advanced indexing: its backward is an index_add, not a sort.
     weight_B = decision.weights_TK.reshape(-1).float().index_select(0, pair_B)
@@ -145,6 +138,29 @@ def plan_core(decision: RoutingDecision) -> PlanCore:
     bag_offsets_T = F.pad(bag_ends_T[:-1], (1, 0)) if T > 0 else bag_ends_T
     return PlanCore(token_B=token_B, weight_B=weight_B, offsets_E=offsets_E, rows_J=rows_J,
                     bag_offsets_T=bag_offsets_T, num_tokens=T)
+
+
+def _number_pairs(experts_TK: torch.Tensor, kept_N: torch.Tensor, E: int, T: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(group ends int32 [E], row of each kept pair int64 [T * K]) without a sort.
+
+    The kept flags are laid out on an [E, T] grid (cell e * T + t; a token's slots name
+    distinct experts, so no cell is hit twice) and ONE inclusive scan over the flattened grid
+    numbers the kept pairs in expert-major, token-minor order: a pair's row is its cell's scan
+    value - 1, and expert e's group ends at the scan value of cell e * T + T - 1. The grid
+    costs O(T * E), like the router's [T, E] probabilities.
+    """
+    device = experts_TK.device
+    index_dtype = torch.int32 if E * T < 2**31 else torch.int64
+    cell_N = (experts_TK * T + torch.arange(T, device=device)[:, None]).reshape(-1)
+    grid_G = torch.zeros(E * T, dtype=index_dtype, device=device)     # G = E * T cells
+    grid_G.scatter_add_(0, cell_N, kept_N.to(index_dtype))
+    ends_G = torch.cumsum(grid_G, 0, dtype=index_dtype)
+    if T > 0:
+        offsets_E = ends_G.view(E, T)[:, -1].to(torch.int32).contiguous()
+    else:
+        offsets_E = torch.zeros(E, dtype=torch.int32, device=device)
+    return offsets_E, ends_G.index_select(0, cell_N).long() - 1
 
 
 def finish_plan(core: PlanCore, sync_free: bool) -> DispatchPlan:

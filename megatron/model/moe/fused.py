@@ -13,26 +13,31 @@ bias gradients are per-expert row sums.
 
 Used on CUDA when triton is importable (MoEConfig.kernels "auto"), or always with "triton"
 (CPU tests run the kernels under triton's interpreter). Expert parallelism keeps the torch path.
+Also the entry points of the router GEMM (router_gemm.py) and of the capacity kernels
+(capacity_kernels.py), chosen by the same setting.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional, Tuple
 
 import torch
 
 from megatron.config import MOE_KERNELS
+from megatron.model.mlp_gating import torch_capacity
 from megatron.model.moe.dispatch import DispatchPlan
 from megatron.model.moe.experts import Experts
 
 # Imported once, here: under torch.compile an import (or find_spec) inside the traced code
 # would be a graph break. Without triton (CPU installs) the torch path is used.
 try:
+    from megatron.model.moe import capacity_kernels as _CAPACITY
     from megatron.model.moe import kernels as _KERNELS
     from megatron.model.moe import router_gemm as _ROUTER_GEMM
     _TRITON_AVAILABLE = True
 except (ImportError, RuntimeError):   # no triton, or one that cannot load here
-    _KERNELS = _ROUTER_GEMM = None
+    _CAPACITY = _KERNELS = _ROUTER_GEMM = None
     _TRITON_AVAILABLE = False
 
 
@@ -74,6 +79,26 @@ def use_triton_router(choice: str, x: torch.Tensor) -> bool:
         _check_device(x)
         return x.dtype == torch.float32
     return False
+
+
+def use_triton_capacity(choice: str, x: torch.Tensor) -> bool:
+    """The capacity kernels (any dtype: they read fp32 probabilities): auto on CUDA; triton
+    also on CPU under the interpreter; never with torch."""
+    if choice == "torch" or not triton_available():
+        return False
+    if choice == "triton":
+        _check_device(x)
+        return True
+    return x.is_cuda
+
+
+def triton_capacity(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: torch.Tensor,
+                    num_experts: int, capacity: Optional[int]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """A CapacityFn (mlp_gating) of the capacity kernels: also each kept pair's dispatch row."""
+    if experts_TK.shape[0] == 0 or experts_TK.shape[1] == 0:
+        return torch_capacity(experts_TK, wanted_TK, probs_TK, num_experts, capacity)
+    return _CAPACITY.capacity_rows(experts_TK, wanted_TK, probs_TK, num_experts, capacity)
 
 
 def fused_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,

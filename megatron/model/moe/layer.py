@@ -15,12 +15,13 @@ from torch import nn
 
 from megatron.config import MoEConfig
 from megatron.model.mlp_gating import (RoutingDecision, gumbel_noise_like, make_hash_table,
-                                       route)
+                                       route, torch_capacity)
 from megatron.model.moe.dispatch import (DispatchPlan, PlanCore, combine, dispatch, finish_plan,
                                          plan_core)
 from megatron.model.moe.experts import Experts
 from megatron.model.moe.expert_parallel import expert_parallel_experts, shard_experts
-from megatron.model.moe.fused import (fused_experts, triton_router_logits, use_triton_kernels,
+from megatron.model.moe.fused import (fused_experts, triton_capacity, triton_router_logits,
+                                      use_triton_capacity, use_triton_kernels,
                                       use_triton_router)
 from megatron.model.moe.stats import MoEStats, compute_stats
 
@@ -119,7 +120,8 @@ class MoELayer(nn.Module):
         5. combine:  weighted fp32 per-token sums back to tokens; all-dropped tokens get 0
         On CUDA (config.kernels), steps 3-5 run as Triton row kernels around the two grouped
         GEMMs (fused.py): same function, fewer passes, padding rows never touched; bf16 router
-        logits come from a Triton GEMM (router_gemm.py). Steps 1-2 after the logits, up to the
+        logits come from a Triton GEMM (router_gemm.py); capacity and the rows of step 2 from
+        sort-free Triton kernels (capacity_kernels.py). Steps 1-2 after the logits, up to the
         sync, and the statistics run as one torch.compile'd function with
         config.compile_routing (static shapes: ~150 small ops become a few fused kernels).
         """
@@ -183,8 +185,12 @@ def routing_step(logits_TE: Optional[torch.Tensor], token_ids_T: Optional[torch.
                  ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
     """Router logits -> decision -> plan (finished if sync-free, else its sync-free core) and
     statistics (layer number 0: the layer sets its own). A pure function of its arguments."""
+    routed = logits_TE if logits_TE is not None else token_ids_T
+    capacity_fn = torch_capacity
+    if routed is not None and use_triton_capacity(config.kernels, routed):
+        capacity_fn = triton_capacity
     decision = route(logits_TE, config, num_experts, training=training, token_ids_T=token_ids_T,
-                     hash_table_V=hash_table_V, noise_TE=noise_TE)
+                     hash_table_V=hash_table_V, noise_TE=noise_TE, capacity_fn=capacity_fn)
     core = plan_core(decision)
     plan = finish_plan(core, sync_free=True) if config.sync_free else core
     stats = compute_stats(decision, 0, config.topk, config.ffn_hidden_size,
