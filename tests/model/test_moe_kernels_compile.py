@@ -79,6 +79,9 @@ def capacity_kernel_cases():
     yield c._rows_kernel, dict(grid_ptr=I32, probs_ptr=F32, cut_ptr=I32, kept_ptr=U8,
                                rows_ptr=I32, counts_ptr=I64), \
         dict(sizes, num_experts="i32"), dict(BLOCK_T=2048, BLOCK_E=64)
+    yield c._token_bags_kernel, dict(kept_ptr=U8, rows_ptr=I32, bag_start_ptr=I64,
+                                     pair_ptr=I64, bag_rows_ptr=I64), sizes, \
+        dict(BLOCK_T=64, BLOCK_K=64)
 
 
 def all_cases():
@@ -105,7 +108,8 @@ def test_capacity_kernels_compile_for_sm90():
 # The pointers each kernel stores to; every other kernel stores to out_ptr only.
 WRITTEN = {"_combine_backward_kernel": {"grad_y_ptr", "grad_w_ptr"},
            "_slot_grid_kernel": {"grid_ptr"}, "_cutoff_kernel": {"cut_ptr"},
-           "_rows_kernel": {"kept_ptr", "rows_ptr", "counts_ptr"}}
+           "_rows_kernel": {"kept_ptr", "rows_ptr", "counts_ptr"},
+           "_token_bags_kernel": {"pair_ptr", "bag_rows_ptr"}}
 
 
 def accessed_for_sm90(fn, pointers, scalars, constexprs):

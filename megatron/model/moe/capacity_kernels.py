@@ -139,6 +139,24 @@ def _rows_kernel(grid_ptr, probs_ptr, cut_ptr, kept_ptr, rows_ptr, counts_ptr, T
     tl.store(counts_ptr + e, kept_so_far.to(tl.int64))
 
 
+@triton.jit
+def _token_bags_kernel(kept_ptr, rows_ptr, bag_start_ptr, pair_ptr, bag_rows_ptr, T, K,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For each kept pair (t, k) with row r: pair[r] = t * K + k, and r is entry j of token
+    t's bag (j = kept slots of t before k): bag_rows[bag_start[t] + j] = r."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = tl.arange(0, BLOCK_K)
+    inside = (t < T)[:, None] & (k < K)[None, :]
+    at = tl.cast(t, tl.int64)[:, None] * K + k[None, :]
+    keep = tl.load(kept_ptr + at, mask=inside, other=0) != 0
+    keep_i = keep.to(tl.int32)
+    j = tl.cumsum(keep_i, axis=1) - keep_i
+    row = tl.load(rows_ptr + at, mask=keep, other=0)
+    start = tl.load(bag_start_ptr + t, mask=t < T, other=0)
+    tl.store(bag_rows_ptr + start[:, None] + j, row.to(tl.int64), mask=keep)
+    tl.store(pair_ptr + row, at, mask=keep)
+
+
 def capacity_rows(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: torch.Tensor,
                   num_experts: int, capacity: Optional[int], scan_block: int = 2048
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,3 +189,24 @@ def capacity_rows(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: t
     # uint8 buffers, converted by torch: no dtype-changing views of kernel outputs under
     # torch.compile's functionalization.
     return kept_TK.bool(), counts_E, rows_TK
+
+
+def token_bags(kept_TK: torch.Tensor, rows_TK: torch.Tensor, bound: int
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rest of the dispatch plan from capacity_rows' output (see dispatch.PlanCore):
+    pair_B int64 [bound] (the flat pair index t * K + k of each row; filler p past the kept
+    pairs), rows_J int64 [bound] (rows regrouped by token, token-major; 0 past the kept pairs)
+    and bag_offsets_T int64 [T] (each token's first entry). One pass over [T, K], where the
+    torch path scans and scatters all T * K slots (~0.08 ms at T = 16k, K = 64)."""
+    T, K = kept_TK.shape
+    kept_T = kept_TK.sum(dim=1)
+    bag_offsets_T = torch.cumsum(kept_T, 0) - kept_T
+    pair_B = torch.arange(bound, device=kept_TK.device)
+    rows_J = torch.zeros(bound, dtype=torch.int64, device=kept_TK.device)
+    if T and K:
+        block_k = triton.next_power_of_2(K)
+        block_t = max(1, 4096 // block_k)
+        _token_bags_kernel[(triton.cdiv(T, block_t),)](
+            kept_TK.to(torch.uint8), rows_TK, bag_offsets_T, pair_B, rows_J, T, K,
+            BLOCK_T=block_t, BLOCK_K=block_k)
+    return pair_B, rows_J, bag_offsets_T

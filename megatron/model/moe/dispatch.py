@@ -29,6 +29,13 @@ import torch.nn.functional as F
 
 from megatron.model.mlp_gating import RoutingDecision
 
+# Imported once, here (an import inside torch.compile'd code is a graph break). Decisions carry
+# rows_TK only when the capacity kernels ran, so without triton this is never called.
+try:
+    from megatron.model.moe.capacity_kernels import token_bags
+except (ImportError, RuntimeError):
+    token_bags = None
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -99,21 +106,34 @@ def plan_core(decision: RoutingDecision) -> PlanCore:
     """The sync-free part of make_plan.
 
     Each kept pair's row in expert-major, token-minor order comes from the capacity kernels
-    (decision.rows_TK) or from _number_pairs; rows are then filled by a scatter of pair
-    indices (unique destinations, no atomics contending).
+    (decision.rows_TK, then one pass of capacity_kernels.token_bags fills the arrays) or from
+    torch scans and scatters (_rows_by_scans).
     """
     experts_TK, kept_TK = decision.experts_TK, decision.kept_TK
     T, K = experts_TK.shape
     E = decision.tokens_per_expert_E.shape[0]
-    device = experts_TK.device
     bound = dispatch_bound(T, K, E, decision.capacity)
 
-    kept_N = kept_TK.reshape(-1)
-    if decision.rows_TK is not None:      # the capacity kernels numbered the kept pairs already
+    if decision.rows_TK is not None:      # the capacity kernels numbered the kept pairs
         offsets_E = torch.cumsum(decision.tokens_per_expert_E, 0).to(torch.int32)
-        row_N = decision.rows_TK.reshape(-1).long()
+        pair_B, rows_J, bag_offsets_T = token_bags(kept_TK, decision.rows_TK, bound)
     else:
-        offsets_E, row_N = _number_pairs(experts_TK, kept_N, E, T)
+        offsets_E, pair_B, rows_J, bag_offsets_T = _rows_by_scans(experts_TK, kept_TK, E,
+                                                                  bound)
+    # index_select, not advanced indexing: its backward is an index_add, not a sort.
+    weight_B = decision.weights_TK.reshape(-1).float().index_select(0, pair_B)
+    token_B = pair_B // K
+    return PlanCore(token_B=token_B, weight_B=weight_B, offsets_E=offsets_E, rows_J=rows_J,
+                    bag_offsets_T=bag_offsets_T, num_tokens=T)
+
+
+def _rows_by_scans(experts_TK: torch.Tensor, kept_TK: torch.Tensor, E: int, bound: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """plan_core's arrays with torch ops: (offsets_E, pair_B, rows_J, bag_offsets_T)."""
+    T, K = experts_TK.shape
+    device = experts_TK.device
+    kept_N = kept_TK.reshape(-1)
+    offsets_E, row_N = _number_pairs(experts_TK, kept_N, E, T)
 
     # pair_B[p] = flat pair index n = t * K + k of row p. Rows past the kept pairs keep the
     # filler p (a valid, spread pair index: bound <= T * K), so the index_select backward of
@@ -124,9 +144,6 @@ def plan_core(decision: RoutingDecision) -> PlanCore:
     dump_N = bound + (n_N & (DUMP - 1))
     dest_N = torch.where(kept_N, row_N, dump_N)
     pair_B = torch.arange(bound + DUMP, device=device).scatter(0, dest_N, n_N)[:bound]
-    # index_select, not advanced indexing: its backward is an index_add, not a sort.
-    weight_B = decision.weights_TK.reshape(-1).float().index_select(0, pair_B)
-    token_B = pair_B // K
 
     # The same rows regrouped by token (kept pairs are already token-major in n = t * K + k):
     # a scan numbers them, a scatter stores each one's row. Entries past the kept pairs
@@ -136,8 +153,7 @@ def plan_core(decision: RoutingDecision) -> PlanCore:
     rows_J = rows_J.scatter(0, torch.where(kept_N, slot_N, dump_N), dest_N)[:bound]
     bag_ends_T = slot_N.view(T, K)[:, -1] + 1 if K > 0 else slot_N.new_zeros(T)
     bag_offsets_T = F.pad(bag_ends_T[:-1], (1, 0)) if T > 0 else bag_ends_T
-    return PlanCore(token_B=token_B, weight_B=weight_B, offsets_E=offsets_E, rows_J=rows_J,
-                    bag_offsets_T=bag_offsets_T, num_tokens=T)
+    return offsets_E, pair_B, rows_J, bag_offsets_T
 
 
 def _number_pairs(experts_TK: torch.Tensor, kept_N: torch.Tensor, E: int, T: int
