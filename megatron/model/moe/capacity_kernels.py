@@ -1,4 +1,4 @@
-"""Capacity and dispatch rows in three Triton kernels, without a sort.
+"""Capacity and the dispatch plan's rows in four Triton kernels, without a sort.
 
 Letters: T tokens, K choice slots, E experts, C capacity.
 
@@ -18,6 +18,8 @@ all T * K pairs on a 43-bit key and then scans an [E, T] grid: on the H200 at T 
    how many of the pairs equal to v* are kept - the lowest-token ones.
 3. `_rows_kernel`, one program per expert: walks its tokens in order, keeps pairs by that cut
    and numbers them from the expert's group start (the kept counts of the experts before it).
+4. `_token_bags_kernel` (token_bags, called by dispatch.plan_core): from those rows, the plan's
+   pair index of every row and the token-major bags, in one pass over [T, K].
 
 Nothing is read on the host. CUDA by default (MoEConfig.kernels); CPU tests run the kernels
 under triton's interpreter and compare them with the torch path, exactly.
@@ -32,7 +34,6 @@ import triton
 import triton.language as tl
 
 _NO_VALUE = tl.constexpr(0x7FFFFFFF)     # above every probability's bits: keeps none of s*
-_CUT_FIELDS = 4                          # per expert: cut slot, v* bits, quota, kept count
 
 
 @triton.jit
@@ -177,7 +178,8 @@ def capacity_rows(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: t
         experts_TK.contiguous(), wanted_TK.to(torch.uint8), grid_ET, T, K,
         BLOCK_T=block_t, BLOCK_K=block_k)
     probs_TK = probs_TK.detach().float().contiguous()
-    cut_E4 = torch.empty(E, _CUT_FIELDS, dtype=torch.int32, device=device)
+    # per expert: cut slot, v* bits, quota, kept count (the kernels' stride of 4)
+    cut_E4 = torch.empty(E, 4, dtype=torch.int32, device=device)
     scan = min(scan_block, triton.next_power_of_2(max(T, 16)))
     _cutoff_kernel[(E,)](grid_ET, probs_TK, cut_E4, T, K, cap,
                          KB=triton.next_power_of_2(K + 1), BLOCK_T=scan, num_warps=8)
