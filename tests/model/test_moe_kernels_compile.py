@@ -84,15 +84,8 @@ def capacity_kernel_cases():
         dict(BLOCK_T=64, BLOCK_K=64)
 
 
-def radix_kernel_cases():
-    from megatron.model.moe import radix_select as r
-    yield r._quantiles_kernel, dict(values_ptr=F32, pos_ptr=F32, out_ptr=F32), dict(n="i32"), \
-        dict(BLOCK=4096)
-
-
 def all_cases():
-    return (list(row_kernel_cases()) + list(router_kernel_cases())
-            + list(capacity_kernel_cases()) + list(radix_kernel_cases()))
+    return list(row_kernel_cases()) + list(router_kernel_cases()) + list(capacity_kernel_cases())
 
 
 def test_row_kernels_compile_for_sm90():
@@ -105,8 +98,8 @@ def test_router_gemm_kernels_compile_for_sm90():
         compile_for_sm90(*case)
 
 
-def test_capacity_and_radix_kernels_compile_for_sm90():
-    for case in list(capacity_kernel_cases()) + list(radix_kernel_cases()):
+def test_capacity_kernels_compile_for_sm90():
+    for case in capacity_kernel_cases():
         compile_for_sm90(*case)
 
 

@@ -13,8 +13,9 @@ all T * K pairs on a 43-bit key and then scans an [E, T] grid: on the H200 at T 
 2. `_cutoff_kernel`, one program per expert: counts its wanted pairs per slot. If they fit in C
    (the usual case), every pair is kept and the program is done. Otherwise the pairs of the
    slots before the cut slot s* are kept, and of slot s* the m = C - (pairs before s*) most
-   probable: a radix select (radix_select.py) over the probabilities' IEEE bits finds the m-th
-   largest value v* and how many of the pairs equal to v* are kept - the lowest-token ones.
+   probable: an MSB-first radix select (4 passes of 8 bits) over the probabilities' IEEE bits
+   (non-negative floats order like their bits as integers) finds the m-th largest value v* and
+   how many of the pairs equal to v* are kept - the lowest-token ones.
 3. `_rows_kernel`, one program per expert: walks its tokens in order, keeps pairs by that cut
    and numbers them from the expert's group start (the kept counts of the experts before it).
 4. `_token_bags_kernel` (token_bags, called by dispatch.plan_core): from those rows, the plan's
@@ -31,8 +32,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-
-from megatron.model.moe.radix_select import _digit_histogram, _take_digit
 
 _NO_VALUE = tl.constexpr(0x7FFFFFFF)     # above every probability's bits: keeps none of s*
 
@@ -63,14 +62,24 @@ def _radix_select(row_ptr, probs_ptr, T, K, cut, m, BLOCK_T: tl.constexpr):
     """(v*, quota): the m-th largest bits among the cells of slot `cut` (m >= 1), and how many
     of the cells whose bits equal v* rank within the m (they are kept in token order)."""
     prefix = cut * 0
+    digits = tl.arange(0, 256)
     for p in tl.static_range(4):
+        shift = 24 - 8 * p
         hist = tl.zeros([256], dtype=tl.int32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             s = tl.load(row_ptr + t, mask=t < T, other=0)
             live = s == cut
-            hist += _digit_histogram(_prob_bits(probs_ptr, t, K, s, live), live, prefix, p)
-        prefix, m = _take_digit(hist, prefix, m, p)
+            bits = _prob_bits(probs_ptr, t, K, s, live)
+            if p > 0:
+                live = live & ((bits >> (shift + 8)) == (prefix >> (shift + 8)))
+            # Cells that are not live land in bin 0 too. Harmless: bin 0 enters no count of
+            # digits > d, and d = 0 is what the search falls back to anyway.
+            hist += tl.histogram(tl.where(live, (bits >> shift) & 255, 0), 256)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist   # digit >= d
+        d = tl.max(tl.where(at_least >= m, digits, 0), axis=0)   # largest d with >= m at or above
+        m -= tl.sum(tl.where(digits > d, hist, 0), axis=0)
+        prefix = prefix | (d << shift)
     return prefix, m
 
 

@@ -13,15 +13,14 @@ bias gradients are per-expert row sums.
 
 Used on CUDA when triton is importable (MoEConfig.kernels "auto"), or always with "triton"
 (CPU tests run the kernels under triton's interpreter). Expert parallelism keeps the torch path.
-Also the entry points of the router GEMM (router_gemm.py), of the capacity kernels
-(capacity_kernels.py) and of the statistics' quantiles (radix_select.py), chosen by the same
-setting.
+Also the entry points of the router GEMM (router_gemm.py) and of the capacity kernels
+(capacity_kernels.py), chosen by the same setting.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -35,11 +34,10 @@ from megatron.model.moe.experts import Experts
 try:
     from megatron.model.moe import capacity_kernels as _CAPACITY
     from megatron.model.moe import kernels as _KERNELS
-    from megatron.model.moe import radix_select as _RADIX
     from megatron.model.moe import router_gemm as _ROUTER_GEMM
     _TRITON_AVAILABLE = True
 except (ImportError, RuntimeError):   # no triton, or one that cannot load here
-    _CAPACITY = _KERNELS = _RADIX = _ROUTER_GEMM = None
+    _CAPACITY = _KERNELS = _ROUTER_GEMM = None
     _TRITON_AVAILABLE = False
 
 
@@ -101,11 +99,6 @@ def triton_capacity(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK:
     if experts_TK.shape[0] == 0 or experts_TK.shape[1] == 0:
         return torch_capacity(experts_TK, wanted_TK, probs_TK, num_experts, capacity)
     return _CAPACITY.capacity_rows(experts_TK, wanted_TK, probs_TK, num_experts, capacity)
-
-
-def triton_quantiles(values_T: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
-    """stats.sorted_quantiles by radix selection (non-negative values: probabilities)."""
-    return _RADIX.quantiles(values_T, qs)
 
 
 def fused_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,

@@ -20,10 +20,10 @@ from megatron.model.moe.dispatch import (DispatchPlan, PlanCore, combine, dispat
                                          plan_core)
 from megatron.model.moe.experts import Experts
 from megatron.model.moe.expert_parallel import expert_parallel_experts, shard_experts
-from megatron.model.moe.fused import (fused_experts, triton_capacity, triton_quantiles,
-                                      triton_router_logits, use_triton_capacity,
-                                      use_triton_kernels, use_triton_router)
-from megatron.model.moe.stats import MoEStats, compute_stats, sorted_quantiles
+from megatron.model.moe.fused import (fused_experts, triton_capacity, triton_router_logits,
+                                      use_triton_capacity, use_triton_kernels,
+                                      use_triton_router)
+from megatron.model.moe.stats import MoEStats, compute_stats
 
 
 @dataclass(frozen=True)
@@ -186,15 +186,15 @@ def routing_step(logits_TE: Optional[torch.Tensor], token_ids_T: Optional[torch.
     """Router logits -> decision -> plan (finished if sync-free, else its sync-free core) and
     statistics (layer number 0: the layer sets its own). A pure function of its arguments."""
     routed = logits_TE if logits_TE is not None else token_ids_T
-    capacity_fn, quantiles_fn = torch_capacity, sorted_quantiles
+    capacity_fn = torch_capacity
     if routed is not None and use_triton_capacity(config.kernels, routed):
-        capacity_fn, quantiles_fn = triton_capacity, triton_quantiles
+        capacity_fn = triton_capacity
     decision = route(logits_TE, config, num_experts, training=training, token_ids_T=token_ids_T,
                      hash_table_V=hash_table_V, noise_TE=noise_TE, capacity_fn=capacity_fn)
     core = plan_core(decision)
     plan = finish_plan(core, sync_free=True) if config.sync_free else core
     stats = compute_stats(decision, 0, config.topk, config.ffn_hidden_size,
-                          dense_ffn_hidden_size, quantiles_fn)
+                          dense_ffn_hidden_size)
     return decision, plan, stats
 
 

@@ -6,7 +6,6 @@ Letters: T tokens, K choice slots, E experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -63,11 +62,8 @@ def sorted_quantiles(values_T: torch.Tensor, qs=QUANTILES) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_stats(decision: RoutingDecision, layer_number: int, topk: int,
-                  expert_ffn_hidden_size: int, dense_ffn_hidden_size: int,
-                  quantiles_fn: Callable[..., torch.Tensor] = sorted_quantiles) -> MoEStats:
-    """Statistics of `decision` (see MoEStats); T is taken from its static shape.
-    `quantiles_fn(values, QUANTILES)`: sorted_quantiles, or on CUDA the radix-select kernel
-    (radix_select.quantiles: no sort of the T probabilities)."""
+                  expert_ffn_hidden_size: int, dense_ffn_hidden_size: int) -> MoEStats:
+    """Statistics of `decision` (see MoEStats); T is taken from its static shape."""
     T = decision.experts_TK.shape[0]
     E = decision.tokens_per_expert_E.shape[0]
     wanted = decision.wanted_TK.sum().float()
@@ -80,7 +76,7 @@ def compute_stats(decision: RoutingDecision, layer_number: int, topk: int,
         used_per_token=kept / t,
         dropped_fraction=(wanted - kept) / wanted.clamp(min=1.0),
         expert_load_E=decision.tokens_per_expert_E.detach().to(torch.int64).clone(),
-        top1_prob_quantiles=quantiles_fn(decision.top1_prob_T, QUANTILES),
+        top1_prob_quantiles=sorted_quantiles(decision.top1_prob_T),
         flops_vs_topk=kept / (t * topk),
         flops_vs_dense=kept * expert_ffn_hidden_size / (t * dense_ffn_hidden_size),
     )
