@@ -98,10 +98,12 @@ def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_s
 
 
 @triton.jit
-def _gelu_rows_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts, F: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCK_E: tl.constexpr):
-    """out[p] = gelu(h[p] + bias[expert(p)]) for p < N (exact erf form, fp32 math)."""
+def _gelu_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
+                 F: tl.constexpr, HAS_BIAS: tl.constexpr, BACKWARD: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """For rows p < N, with z = h[p] + bias[expert(p)] (exact erf GeLU, fp32 math):
+    forward:  out[p] = gelu(z)                                     (grad_ptr unused)
+    backward: out[p] = grad[p] * gelu'(z), gelu'(z) = Phi(z) + z phi(z)."""
     start, end = _row_range(offsets_ptr, num_experts)
     cols = tl.arange(0, BLOCK)
     for p0 in range(start, end, ROWS):
@@ -110,27 +112,13 @@ def _gelu_rows_kernel(h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts, F: tl.
         mask = (rows < end)[:, None] & (cols < F)[None, :]
         x = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask, F,
                       HAS_BIAS, BLOCK_E)
-        y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_HALF))
-        tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gelu_backward_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
-                          F: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
-    """out[p] = grad[p] * gelu'(z) with z = h[p] + bias[expert(p)], gelu'(z) = Phi(z) + z phi(z)."""
-    start, end = _row_range(offsets_ptr, num_experts)
-    cols = tl.arange(0, BLOCK)
-    for p0 in range(start, end, ROWS):
-        rows = p0 + tl.arange(0, ROWS)
-        at = _tile_at(rows, cols, F)
-        mask = (rows < end)[:, None] & (cols < F)[None, :]
-        x = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask, F,
-                      HAS_BIAS, BLOCK_E)
-        g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
-        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        tl.store(out_ptr + at, (g * (cdf + x * pdf)).to(out_ptr.dtype.element_ty), mask=mask)
+        if BACKWARD:
+            g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            y = g * (cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+        else:
+            y = x * cdf
+        tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -244,29 +232,27 @@ def gather_rows(x_TD: torch.Tensor, token_P: torch.Tensor, offsets_E: torch.Tens
 def gelu_rows(h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
               offsets_E: torch.Tensor) -> torch.Tensor:
     """[P, F]: rows p < N = gelu(h_PF[p] + bias_EF[expert of p]) (no bias: None)."""
-    P, Fh = h_PF.shape
-    h_PF = h_PF.contiguous()
-    out = torch.empty_like(h_PF)
-    if P:
-        block = _block(Fh)
-        _gelu_rows_kernel[_row_grid(h_PF.device, P)](
-            h_PF, _or(bias_EF, offsets_E), offsets_E, out, offsets_E.shape[0], F=Fh,
-            HAS_BIAS=bias_EF is not None, ROWS=_rows(block), BLOCK=block,
-            BLOCK_E=_block(offsets_E.shape[0]), num_warps=_warps(block))
-    return out
+    return _gelu(None, h_PF, bias_EF, offsets_E)
 
 
 def gelu_backward_rows(grad_PF: torch.Tensor, h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
                        offsets_E: torch.Tensor) -> torch.Tensor:
     """dL/dh [P, F] from dL/d(gelu_rows output); rows >= N uninitialised."""
+    return _gelu(grad_PF, h_PF, bias_EF, offsets_E)
+
+
+def _gelu(grad_PF: Optional[torch.Tensor], h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
+          offsets_E: torch.Tensor) -> torch.Tensor:
+    """_gelu_kernel: forward without grad_PF, backward with it."""
     P, Fh = h_PF.shape
-    grad_PF = grad_PF.contiguous()
+    h_PF = h_PF.contiguous()
     out = torch.empty_like(h_PF)
     if P:
         block = _block(Fh)
-        _gelu_backward_kernel[_row_grid(h_PF.device, P)](
-            grad_PF, h_PF, _or(bias_EF, offsets_E), offsets_E, out, offsets_E.shape[0], F=Fh,
-            HAS_BIAS=bias_EF is not None, ROWS=_rows(block), BLOCK=block,
+        _gelu_kernel[_row_grid(h_PF.device, P)](
+            _or(grad_PF, h_PF), h_PF, _or(bias_EF, offsets_E), offsets_E, out,
+            offsets_E.shape[0], F=Fh, HAS_BIAS=bias_EF is not None,
+            BACKWARD=grad_PF is not None, ROWS=_rows(block), BLOCK=block,
             BLOCK_E=_block(offsets_E.shape[0]), num_warps=_warps(block))
     return out
 
