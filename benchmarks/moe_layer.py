@@ -54,6 +54,8 @@ OURS_VARIANTS = [
                                             kernels="torch")),
     ("ours exact, routing compiled", dict(sync_free=False, compile_routing=True, kernels="auto")),
     ("ours sync-free, rt compiled", dict(sync_free=True, compile_routing=True, kernels="auto")),
+    ("ours sync-free rtc fused gemm", dict(sync_free=True, compile_routing=True,
+                                          kernels="auto", expert_gemm="fused")),
 ]
 
 

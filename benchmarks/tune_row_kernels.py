@@ -107,7 +107,8 @@ def main() -> None:
         results = []
         for block, rows, warps in itertools.product([64, 128, 256], [16, 32, 64], [4, 8]):
             results.append((kernel_us(lambda: K._segment_sum_kernel[(E, -(-width // block))](
-                src, offs, out, K=width, ROWS=rows, BLOCK=block, num_warps=warps)),
+                src, offs, offs, offs, out, K=width, GATHER=False, HAS_SCALE=False, ROWS=rows,
+                BLOCK=block, num_warps=warps)),
                 block, rows, warps))
         report(f"segment_sum width={width}", kernel_us(lambda: K.segment_sum(src, offs)),
                results, ("block", "rows", "warps"))

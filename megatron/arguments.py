@@ -32,7 +32,7 @@ import argparse
 import os
 from typing import Optional
 
-from megatron.config import MOE_KERNELS, moe_layer_numbers
+from megatron.config import EXPERT_GEMMS, MOE_KERNELS, moe_layer_numbers
 from megatron.data.dataset_split import parse_data_path, parse_split
 from megatron.deepspeed_config import (  # noqa: F401  (re-exported for the entry point)
     check_deepspeed_args, deepspeed_config_dict, read_deepspeed_config)
@@ -130,6 +130,12 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-kernels", choices=MOE_KERNELS, default="auto",
                    help="Dispatch / GeLU / combine as Triton row kernels around the grouped "
                         "GEMMs (auto: on CUDA when triton is installed) or as torch ops.")
+    g.add_argument("--moe-expert-gemm", choices=EXPERT_GEMMS, default="auto",
+                   help="With the Triton kernels: grouped_mm = torch._grouped_mm between row "
+                        "kernels (auto); fused = Triton grouped GEMMs that read token rows "
+                        "through the row index and apply bias / GeLU / combine weights in "
+                        "registers: same GPU time, less activation memory, more host time "
+                        "per step.")
     g.add_argument("--sparse-mlp", action="store_true",
                    help="XMoE fork: use its MoE layer rather than DeepSpeed's. That is the only "
                         "MoE layer here, so this flag is accepted and changes nothing.")

@@ -16,6 +16,7 @@ from megatron.data.dataset_split import parse_data_path, parse_split
 
 ROUTERS = ("threshold", "topk", "switch", "hash")
 MOE_KERNELS = ("auto", "triton", "torch")   # --moe-kernels (see megatron/model/moe/fused.py)
+EXPERT_GEMMS = ("auto", "fused", "grouped_mm")   # --moe-expert-gemm (Triton kernels only)
 PARAMS_DTYPES = ("fp32", "fp16", "bf16")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 DISTRIBUTED_BACKENDS = ("nccl", "gloo")
@@ -56,6 +57,7 @@ class MoEConfig:
     expert_parallel_size: int = 1                   # --moe-expert-parallel-size
     compile_routing: bool = False                   # --moe-compile-routing (torch.compile)
     kernels: str = "auto"                           # --moe-kernels: auto | triton | torch
+    expert_gemm: str = "auto"                       # --moe-expert-gemm: auto | fused | grouped_mm
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -81,6 +83,9 @@ class MoEConfig:
             raise ValueError(f"expert_impl must be auto, grouped or loop, got {self.expert_impl!r}")
         if self.kernels not in MOE_KERNELS:
             raise ValueError(f"--moe-kernels must be one of {MOE_KERNELS}, got {self.kernels!r}")
+        if self.expert_gemm not in EXPERT_GEMMS:
+            raise ValueError(f"--moe-expert-gemm must be one of {EXPERT_GEMMS}, got "
+                             f"{self.expert_gemm!r}")
         if self.expert_parallel_size < 1:
             raise ValueError(f"--moe-expert-parallel-size must be >= 1, got "
                              f"{self.expert_parallel_size}")

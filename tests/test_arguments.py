@@ -214,8 +214,9 @@ def test_moe_flags_reach_the_moe_config(files):
     moe = configs(small_argv(files, (
         "--num-experts 4 --use-threshold --threshold-max-experts 3 --moe-z-loss-coeff 0.001 "
         "--disable-moe-token-dropping --moe-sync-free-dispatch --moe-expert-impl loop "
-        "--seed 7"))).model.moe
+        "--moe-expert-gemm fused --seed 7"))).model.moe
     assert moe.threshold_max_experts == 3 and moe.z_loss_coeff == 0.001
+    assert moe.expert_gemm == "fused"
     assert not moe.drop_tokens and moe.sync_free and moe.expert_impl == "loop"
     assert moe.hash_seed == 7 and moe.capacity(100, 4, training=True) is None
 

@@ -124,14 +124,19 @@ def test_combine_backward_matches_loop(kernels, bias):
     assert float(grad_w[6]) == 0.0
 
 
-def test_segment_sum_matches_loop(kernels):
+@pytest.mark.parametrize("gather", [False, True])
+def test_segment_sum_matches_loop(kernels, gather):
     src = torch.randn(80, 5, device=DEVICE)
     src[70:] = float("nan")
     off = torch.tensor([0, 33, 33, 70], dtype=torch.int32, device=DEVICE)
-    out = kernels.segment_sum(src, off)
+    idx = torch.randint(0, 70, (80,), device=DEVICE) if gather else None
+    scale = torch.rand(80, device=DEVICE) if gather else None
+    out = kernels.segment_sum(src, off, idx_P=idx, scale_P=scale)
     bounds = [0] + off.tolist()
     for e in range(4):
-        want = src[bounds[e]:bounds[e + 1]].sum(0)
+        rows = range(bounds[e], bounds[e + 1])
+        want = sum((src[idx[r]] * scale[r] if gather else src[r] for r in rows),
+                   torch.zeros(5, device=DEVICE))
         torch.testing.assert_close(out[e], want, atol=1e-5, rtol=1e-5)
 
 
@@ -170,20 +175,24 @@ def test_router_gemm_matches_fp64(kernels, shape):
 @pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("drop_tokens", [True, False])
 @pytest.mark.parametrize("router", ["threshold", "topk", "hash"])
-def test_fused_layer_matches_per_token_reference(kernels, router, drop_tokens, sync_free, bias):
+@pytest.mark.parametrize("gemm", ["fused", "grouped_mm"])
+def test_fused_layer_matches_per_token_reference(kernels, router, drop_tokens, sync_free, bias,
+                                                 gemm):
     layer = make_layer(router, drop_tokens, sync_free, impl="grouped", kernels="triton",
-                       expert_bias=bias).eval()
+                       expert_bias=bias, expert_gemm=gemm).eval()
     assert (layer.experts.b1 is not None) == bias
     run_and_compare(layer)
 
 
 @pytest.mark.skipif(CUDA, reason="fp32 bitwise comparison: the CPU interpreter path")
-def test_fused_sync_free_equals_exact(kernels):
+@pytest.mark.parametrize("gemm", ["fused", "grouped_mm"])
+def test_fused_sync_free_equals_exact(kernels, gemm):
     """The padded buffer changes nothing: same rows, same order, same sums, bit for bit."""
     x, _ = inputs()
     results = []
     for sync_free in (False, True):
-        layer = make_layer("threshold", True, sync_free, impl="grouped", kernels="triton")
+        layer = make_layer("threshold", True, sync_free, impl="grouped", kernels="triton",
+                           expert_gemm=gemm)
         xx = x.clone().requires_grad_(True)
         out = layer(xx).output
         results.append([out] + list(torch.autograd.grad(out.square().sum(),
@@ -193,8 +202,9 @@ def test_fused_sync_free_equals_exact(kernels):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("gemm", ["grouped_mm", "fused"])
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free):
+def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free, gemm):
     """Triton kernels vs torch ops on the GPU, bf16 params, on memory pre-filled with NaN
     (rows the kernels skip must never leak into values or gradients)."""
     torch.cuda.empty_cache()
@@ -203,7 +213,8 @@ def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free):
     x, _ = inputs()
     results = []
     for choice in ("torch", "triton"):
-        layer = make_layer("threshold", True, sync_free, impl="auto", kernels=choice).cuda()
+        layer = make_layer("threshold", True, sync_free, impl="auto", kernels=choice,
+                           expert_gemm=gemm).cuda()
         layer.experts.to(torch.bfloat16)
         xx = x.cuda().bfloat16().requires_grad_(True)
         out = layer(xx).output

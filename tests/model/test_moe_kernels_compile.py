@@ -53,8 +53,10 @@ def row_kernel_cases():
     yield k._gather_rows_kernel, dict(x_ptr=BF16, token_ptr=I64, offsets_ptr=I32,
                                       out_ptr=BF16), \
         dict(num_experts="i32", x_stride="i32"), dict(D=768, ROWS=4, BLOCK=1024)
-    yield k._segment_sum_kernel, dict(src_ptr=BF16, offsets_ptr=I32, out_ptr=F32), {}, \
-        dict(K=768, ROWS=64, BLOCK=64)
+    for gather in (False, True):
+        yield k._segment_sum_kernel, dict(src_ptr=BF16, idx_ptr=I64, scale_ptr=F32,
+                                          offsets_ptr=I32, out_ptr=F32), {}, \
+            dict(K=768, GATHER=gather, HAS_SCALE=gather, ROWS=16, BLOCK=64)
 
 
 def router_kernel_cases():
@@ -82,8 +84,41 @@ def capacity_kernel_cases():
         dict(BLOCK_T=64, BLOCK_K=64)
 
 
+def grouped_gemm_cases():
+    """(kernel, pointers, scalars, constexprs, written) as the fused layer launches them."""
+    from megatron.model.moe import grouped_gemm as gg
+    pointers = dict(a_ptr=BF16, idx_ptr=I64, b_ptr=BF16, offsets_ptr=I32, out_ptr=BF16,
+                    bias_ptr=BF16, aux_ptr=BF16, scale_ptr=F32, parts_ptr=F32, vec_ptr=BF16)
+    scalars = dict(num_experts="i32", a_stride="i32", stride_be="i32", stride_bk="i32",
+                   stride_bn="i32")
+    layer_uses = [  # epilogue, gather, bias, scale, vec, K, N, written
+        (gg.EPI_GELU, True, True, True, False, 768, 384, {"out_ptr", "aux_ptr"}),
+        (gg.EPI_PLAIN, False, True, True, False, 384, 768, {"out_ptr"}),
+        (gg.EPI_GELU_GRAD, True, False, True, True, 768, 384, {"out_ptr", "parts_ptr"}),
+        (gg.EPI_PLAIN, False, False, False, False, 384, 768, {"out_ptr"})]
+    for epilogue, gather, bias, scale, vec, K, N, written in layer_uses:
+        key = "transposed" if epilogue == gg.EPI_PLAIN and not bias else epilogue
+        BM, BN, BK, warps, stages, per_sm, flatten = gg.ROW_BLOCKS[key]
+        yield gg._row_gemm_kernel, pointers, scalars, dict(
+            K=K, N=N, GATHER=gather, EPILOGUE=epilogue, HAS_BIAS=bias, HAS_SCALE=scale,
+            HAS_VEC=vec, IEEE=False, BM=BM, BN=BN, BK=BK, BLOCK_E=64, FLATTEN=flatten), \
+            written
+    BI, BJ, BP, _, _ = gg.WGRAD_BLOCKS
+    for gather_l in (True, False):
+        yield gg._group_wgrad_kernel, dict(l_ptr=BF16, l_idx_ptr=I64, r_ptr=BF16,
+                                           r_idx_ptr=I64, offsets_ptr=I32, out_ptr=BF16), \
+            dict(l_stride="i32", r_stride="i32"), dict(
+                I=768 if gather_l else 384, J=384 if gather_l else 768, GATHER_L=gather_l,
+                GATHER_R=not gather_l, IEEE=False, BI=BI, BJ=BJ, BP=BP), {"out_ptr"}
+
+
 def all_cases():
     return list(row_kernel_cases()) + list(router_kernel_cases()) + list(capacity_kernel_cases())
+
+
+def test_grouped_gemm_kernels_compile_for_sm90():
+    for case in grouped_gemm_cases():
+        compile_for_sm90(*case[:4])
 
 
 def test_row_kernels_compile_for_sm90():
@@ -145,4 +180,7 @@ def test_compile_sees_only_outputs_written():
     for fn, pointers, scalars, constexprs in all_cases():
         written = accessed_for_sm90(fn, pointers, scalars, constexprs)
         expected = WRITTEN.get(fn.__name__, {"out_ptr"})
+        assert written == expected, (fn.__name__, constexprs, written)
+    for fn, pointers, scalars, constexprs, expected in grouped_gemm_cases():
+        written = accessed_for_sm90(fn, pointers, scalars, constexprs)
         assert written == expected, (fn.__name__, constexprs, written)

@@ -56,6 +56,16 @@ def _expert_of(offsets_ptr, num_experts, row, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _source_rows(idx_ptr, rows, live, GATHER: tl.constexpr):
+    """The int64 row each of `rows` reads: idx[rows] with GATHER, else the rows themselves."""
+    if GATHER:
+        src = tl.load(idx_ptr + rows, mask=live, other=0)
+    else:
+        src = rows
+    return tl.cast(src, tl.int64)
+
+
+@triton.jit
 def _tile_at(rows, cols, W: tl.constexpr):
     """Element offsets of the tile [rows, :W] of a row-major [*, W] buffer.
 
@@ -174,9 +184,11 @@ def _combine_backward_kernel(grad_ptr, y_ptr, weight_ptr, bias_ptr, token_ptr, o
 
 
 @triton.jit
-def _segment_sum_kernel(src_ptr, offsets_ptr, out_ptr, K: tl.constexpr, ROWS: tl.constexpr,
+def _segment_sum_kernel(src_ptr, idx_ptr, scale_ptr, offsets_ptr, out_ptr, K: tl.constexpr,
+                        GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK: tl.constexpr):
-    """out[e, cols] = sum of src[r, cols] over expert e's rows, in fp32 (fixed order)."""
+    """out[e, cols] = sum over expert e's rows r of scale[r] * src[idx[r], cols] (idx[r] = r
+    and scale 1 when off), in fp32 (fixed order)."""
     e = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
@@ -184,9 +196,13 @@ def _segment_sum_kernel(src_ptr, offsets_ptr, out_ptr, K: tl.constexpr, ROWS: tl
     acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
-        tile = tl.load(src_ptr + tl.cast(rows, tl.int64)[:, None] * K + cols[None, :],
-                       mask=(rows < end)[:, None] & (cols < K)[None, :], other=0.0)
-        acc += tile.to(tl.float32)
+        live = rows < end
+        src_rows = _source_rows(idx_ptr, rows, live, GATHER)
+        tile = tl.load(src_ptr + src_rows[:, None] * K + cols[None, :],
+                       mask=live[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            tile *= tl.load(scale_ptr + rows, mask=live, other=0.0).to(tl.float32)[:, None]
+        acc += tile
     tl.store(out_ptr + e * K + cols, tl.sum(acc, axis=0), mask=cols < K)
 
 
@@ -293,15 +309,20 @@ def combine_backward(grad_TD: torch.Tensor, y_PD: torch.Tensor, weight_P: torch.
     return grad_y, grad_w
 
 
-def segment_sum(src_PK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """fp32 [E, K]: row e = sum of src_PK's rows of expert e (a bias gradient)."""
+def segment_sum(src_PK: torch.Tensor, offsets_E: torch.Tensor,
+                idx_P: Optional[torch.Tensor] = None,
+                scale_P: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 [E, K]: row e = sum over expert e's rows p of scale_P[p] * src_PK[idx_P[p]]
+    (idx_P[p] = p and scale 1 when None): a bias gradient."""
     K = src_PK.shape[1]
     E = offsets_E.shape[0]
     out = torch.empty(E, K, dtype=torch.float32, device=src_PK.device)
     if E:
         block = min(_block(K), 64)
         _segment_sum_kernel[(E, triton.cdiv(K, block))](
-            src_PK.contiguous(), offsets_E, out, K=K, ROWS=16, BLOCK=block, num_warps=8)
+            src_PK.contiguous(), _or(idx_P, offsets_E), _or(scale_P, offsets_E), offsets_E,
+            out, K=K, GATHER=idx_P is not None, HAS_SCALE=scale_P is not None, ROWS=16,
+            BLOCK=block, num_warps=8)
     return out
 
 

@@ -134,7 +134,8 @@ class MoELayer(nn.Module):
             plan = finish_plan(plan, sync_free=False)          # the exact plan's host sync
         if self.expert_group is None and use_triton_kernels(self.config.kernels, x_TD,
                                                             self.experts):
-            out_TD = fused_experts(x_TD, plan, self.experts, out_dtype=hidden_states.dtype)
+            out_TD = fused_experts(x_TD, plan, self.experts, out_dtype=hidden_states.dtype,
+                                   expert_gemm=self.config.expert_gemm)
         else:
             x_PD = dispatch(x_TD, plan)
             if self.expert_group is None:
