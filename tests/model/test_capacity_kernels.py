@@ -8,34 +8,23 @@ on CUDA it runs compiled.
 """
 
 import dataclasses
-import importlib
-import os
 
 import pytest
 import torch
 
 from megatron.config import MoEConfig
 from megatron.model.mlp_gating import capacity_and_counts, route, torch_capacity
-from megatron.model.moe.dispatch import plan_core
-from megatron.model.moe.fused import triton_available, triton_capacity
+from megatron.model.moe.fused import triton_capacity
 from megatron.model.moe.layer import routing_step
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = [
-    pytest.mark.skipif(not triton_available(), reason="needs triton"),
-    pytest.mark.skipif(not CUDA and not INTERPRETED,
-                       reason="CPU: run under TRITON_INTERPRET=1 by test_moe_kernels_interpreted"),
-]
+from tests.model.triton_kernels import CUDA_OR_INTERPRETER, DEVICE, NEEDS_TRITON, kernel_module
+
+pytestmark = [NEEDS_TRITON, CUDA_OR_INTERPRETER]
 
 
 @pytest.fixture(scope="module")
 def cap():
-    module = importlib.import_module("megatron.model.moe.capacity_kernels")
-    if not CUDA:
-        assert type(module._rows_kernel).__name__ == "InterpretedFunction"
-    return module
+    return kernel_module("capacity_kernels", "_rows_kernel")
 
 
 def reference(experts, wanted, probs, num_experts, capacity):

@@ -6,33 +6,22 @@ row tiles, column tiles and reduction steps; on CUDA they run compiled in bf16 w
 settings the layer uses, at the benchmark's widths, against fp64 references.
 """
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
-from megatron.model.moe.fused import triton_available
+from tests.model.triton_kernels import (CUDA, CUDA_OR_INTERPRETER, DEVICE, NEEDS_TRITON,
+                                        kernel_module)
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = [
-    pytest.mark.skipif(not triton_available(), reason="needs triton"),
-    pytest.mark.skipif(not CUDA and not INTERPRETED,
-                       reason="CPU: run under TRITON_INTERPRET=1 by test_moe_kernels_interpreted"),
-]
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = [NEEDS_TRITON, CUDA_OR_INTERPRETER]
 SMALL_ROWS = (16, 16, 16, 4, 1, 2, False)   # BM, BN, BK, warps, stages, per SM, flatten
 SMALL_WGRAD = (16, 16, 16, 4, 1)
 
 
 @pytest.fixture(scope="module")
 def gg():
-    module = importlib.import_module("megatron.model.moe.grouped_gemm")
-    if not CUDA:
-        assert type(module._row_gemm_kernel).__name__ == "InterpretedFunction"
-    return module
+    return kernel_module("grouped_gemm", "_row_gemm_kernel")
 
 
 def problem(counts, T=30, K=40, N=36, pad=9, seed=0):

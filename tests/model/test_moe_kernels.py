@@ -6,9 +6,6 @@ test_moe_layer.py and against plain loops; on CUDA they run compiled, in bf16, a
 torch-ops path and float64. Skipped when triton is not installed.
 """
 
-import importlib
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,28 +13,18 @@ import torch.nn.functional as F
 from megatron.model.moe.fused import triton_available
 from tests.model.test_moe_layer import (_grouped_cpu_ok, inputs, make_layer, params,
                                         run_and_compare)
+from tests.model.triton_kernels import CUDA, CUDA_OR_INTERPRETER, DEVICE, kernel_module
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
     pytest.mark.skipif(not triton_available() or not (CUDA or _grouped_cpu_ok()),
                        reason="needs triton (and CUDA or CPU torch._grouped_mm)"),
-    # triton reads TRITON_INTERPRET when it decorates a kernel, so on CPU this module runs in
-    # its own process with the variable set from the start (test_moe_kernels_interpreted.py).
-    pytest.mark.skipif(not CUDA and not INTERPRETED,
-                       reason="CPU: run under TRITON_INTERPRET=1 by test_moe_kernels_interpreted"),
+    CUDA_OR_INTERPRETER,
 ]
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    module = importlib.import_module("megatron.model.moe.kernels")
-    if not CUDA:   # decorated under the interpreter (the variable was set before the import)
-        assert type(module._gather_rows_kernel).__name__ == "InterpretedFunction"
-    return module
-
-
-DEVICE = "cuda" if CUDA else "cpu"
+    return kernel_module("kernels", "_gather_rows_kernel")
 
 
 def offsets(n_kept: int, num_experts: int = 4) -> torch.Tensor:
