@@ -7,7 +7,10 @@ Ours: MoELayer (threshold router -> sorted dispatch -> grouped GEMM -> fp32 comb
 dispatch variants (exact: one host sync per layer; sync-free: padded buffer, no sync), with
 routing eager or compiled, and the row traffic as Triton kernels (default on CUDA) or torch ops
 (OURS_VARIANTS). --profile prints each variant's GPU kernel time and top kernels;
---check-nan reruns each variant on memory pre-filled with NaN and checks every gradient.
+--check-nan reruns each variant on memory pre-filled with NaN and checks every gradient;
+--cuda-graph replays every variant without host syncs as a captured CUDA graph (GPU time without
+host overhead: the robust ratio, since eager and even reduce-overhead steps are host-bound on
+the device's VM).
 Baselines, run in the same process on the same weights and routing decisions:
   (a) the original algorithm: every expert computes exactly C = ceil(T / E * cf) rows of an
       [E, C, D] buffer, padding rows weighted 0, each expert's Linear-GeLU-Linear in a Python
@@ -92,6 +95,9 @@ def parse_args() -> argparse.Namespace:
                         "(uninitialised padding rows must never leak into values or grads)")
     p.add_argument("--profile", action="store_true",
                    help="print the top CUDA kernels of one step of each variant")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time every variant without host syncs as a captured CUDA graph "
+                        "(fwd + bwd replayed: its GPU time, no host overhead)")
     args = p.parse_args()
     if args.small:
         args.tokens, args.hidden, args.experts, args.ffn = 256, 64, 16, 32
@@ -125,6 +131,30 @@ def time_step(step: Callable[[], None], device: torch.device, warmup: int, iters
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_time(step: Callable[[], None], warmup: int, iters: int,
+               before: Callable[[], None]) -> float:
+    """Median milliseconds of one replay of `step` captured as a CUDA graph: the step's GPU
+    time without the host's launch overhead. `before` runs ahead of the capture only (the
+    replays then assign the gradients into the graph's own buffers, as the eager steps after
+    zero_grad(set_to_none=True) do). Warm-up runs on a side stream, as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            before()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    try:
+        return time_step(graph.replay, torch.device("cuda"), warmup, iters)
+    finally:
+        del graph
+        before()
 
 
 def count_syncs(step: Callable[[], None], device: torch.device, verbose: bool = False) -> str:
@@ -293,7 +323,8 @@ def main() -> None:
     grad = torch.randn(T, D, device=device, dtype=dtype)
 
     scale = tune_router_scale(layer, x, args.target_experts)
-    decision = layer.decide(x, None)
+    with torch.no_grad():   # (a live autograd graph would pin the router's AccumulateGrad
+        decision = layer.decide(x, None)   # node to this stream and break graph capture)
     wanted = float(decision.wanted_TK.sum()) / T
     kept = int(decision.kept_TK.sum())
     C_a = math.ceil(T / E * 8.0)
@@ -347,6 +378,7 @@ def main() -> None:
                  "(b) dense FFN": T * F_dense,
                  "router only (ours)": 0})
     results: Dict[str, float] = {}
+    sync_counts: Dict[str, str] = {}
     print(f"{'variant':<30}{'ms/fwd+bwd':>12}{'TFLOP/s':>10}{'syncs/step':>12}{'peak MB':>10}"
           f"  (TFLOP/s = 12 * D * F * rows / time; rows = kept pairs | E * C | T)")
     variants = [(name, over, ours_step) for name, over in OURS_VARIANTS
@@ -366,6 +398,7 @@ def main() -> None:
         syncs = count_syncs(step, device, verbose=args.profile)
         mem = peak_memory_mb(step, device)
         results[name] = ms
+        sync_counts[name] = syncs
         if args.profile:
             profile_step(step, name, fresh_grads)
         tflops = flop_per_row * rows[name] / (ms * 1e-3) / 1e12
@@ -377,10 +410,48 @@ def main() -> None:
         vs_dense = results[name] / results["(b) dense FFN"]
         print(f"{name}: {speedup:.1f}x faster than (a) [target >= 30x], {speedup_b:.1f}x "
               f"faster than (a'); {vs_dense:.2f}x the time of (b) [target <= 1.5x]")
+    if args.cuda_graph and device.type == "cuda":
+        time_graphs(variants, cfg, layer, sync_counts, rows, flop_per_row, results, args,
+                    fresh_grads)
     if args.compile is not None:
         layer.config = dataclasses.replace(cfg, sync_free=True)
         for mode in args.compile or ["default"]:
             time_compiled(layer, dense, x_req, grad, mode, device, args, results, fresh_grads)
+
+
+def time_graphs(variants, cfg, layer, sync_counts, rows, flop_per_row, results, args,
+                fresh_grads) -> None:
+    """Every variant without host syncs replayed as a CUDA graph, and the ratios on GPU time:
+    ours against (b) and (a) as graphs too, and against (a) run eagerly, as the original ran."""
+    graphs: Dict[str, float] = {}
+    print(f"CUDA graph replay (GPU time, no host overhead):\n{'variant':<30}{'ms/fwd+bwd':>12}"
+          f"{'TFLOP/s':>10}")
+    for name, overrides, step in variants:
+        if sync_counts[name] != "0":
+            print(f"{name:<30}{'-':>12}{'-':>10}  (host syncs: not capturable)")
+            continue
+        if overrides is not None:
+            layer.config = dataclasses.replace(cfg, **overrides)
+        try:
+            ms = graph_time(step, args.warmup, args.iters, fresh_grads)
+        except Exception as e:  # report and go on: one run should tell everything it can
+            print(f"{name:<30} capture failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+            continue
+        graphs[name] = ms
+        tflops = flop_per_row * rows[name] / (ms * 1e-3) / 1e12
+        print(f"{name:<30}{ms:>12.3f}{(f'{tflops:.3g}' if tflops else '-'):>10}")
+    layer.config = cfg
+    dense, padded = graphs.get("(b) dense FFN"), graphs.get("(a) capacity-padded")
+    for name, ms in graphs.items():
+        if not name.startswith("ours"):
+            continue
+        parts = [f"{results['(a) capacity-padded'] / ms:.1f}x faster than eager (a) "
+                 f"[target >= 30x]"]
+        if padded:
+            parts.append(f"{padded / ms:.1f}x faster than (a) as a graph")
+        if dense:
+            parts.append(f"{ms / dense:.2f}x the GPU time of (b) [target <= 1.5x]")
+        print(f"graph {name}: " + "; ".join(parts))
 
 
 def time_compiled(layer, dense, x_req, grad, mode: str, device, args, results,
