@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron.model.moe.kernels import _or, _source_rows
+from megatron.model.moe.kernels import _or, _source_rows, sm_count
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -177,8 +177,7 @@ WGRAD_BLOCKS = (128, 128, 64, 4, 4)    # BI, BJ, BP, warps, stages of group_wgra
 
 def _programs(device: torch.device, bound: int, per_sm: int = 1) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(bound, sms * per_sm))
+        return max(1, min(bound, sm_count(device) * per_sm))
     return max(1, min(bound, 4))
 
 

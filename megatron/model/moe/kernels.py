@@ -20,6 +20,7 @@ run under triton's interpreter (TRITON_INTERPRET=1), which is how CPU tests chec
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -223,11 +224,25 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, looked up once per device: the property
+    query costs ~3 us of host time per launch on the H200's VM, where launches are the
+    eager step's bottleneck."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if torch.compiler.is_compiling():       # traced once: no cache needed (nor wanted)
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_count_of(index)
+
+
 def _row_grid(device: torch.device, num_rows: int) -> tuple:
     """Programs for a row kernel: a few per SM (a few rows each on CPU / interpreter)."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return (max(1, min(num_rows, sms * 32)),)
+        return (max(1, min(num_rows, sm_count(device) * 32)),)
     return (max(1, min(num_rows, 4)),)
 
 
