@@ -125,6 +125,13 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile each MoE layer's router, capacity, dispatch plan and "
                         "statistics (~150 small ops -> a few fused kernels; compiles once "
                         "per shape at the first steps).")
+    g.add_argument("--moe-routing-cuda-graphs", action="store_true",
+                   help="Implies --moe-compile-routing; on CUDA the compiled routing step runs "
+                        "as CUDA graphs (torch.compile mode reduce-overhead): its ~30 small "
+                        "kernels launch as one graph (eager training is host-bound). Its "
+                        "statistics are overwritten by the next step's: read them at once, as "
+                        "the trainer does. Ignored under --compile; not with "
+                        "--checkpoint-activations.")
     g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default="auto",
                    help="Expert compute: grouped GEMM, per-expert loop, or auto.")
     g.add_argument("--moe-kernels", choices=MOE_KERNELS, default="auto",
@@ -322,6 +329,13 @@ def _check_model(args: argparse.Namespace) -> None:
                          f"{len(args.num_experts)} values {args.num_experts}")
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.moe_routing_cuda_graphs and args.checkpoint_activations:
+        # Seen on the H200 (torch 2.11): CUDA graph trees stop with "graph recording observed
+        # an input tensor deallocate during graph recording" when the recomputation replays
+        # the routing step inside the backward.
+        raise ValueError("--moe-routing-cuda-graphs cannot be combined with "
+                         "--checkpoint-activations (torch's CUDA graph trees fail when the "
+                         "recomputation runs the routing step inside the backward)")
 
 
 def _check_expert_parallel(args: argparse.Namespace, world_size: int) -> None:

@@ -56,6 +56,7 @@ class MoEConfig:
     sync_free: bool = False                         # upper-bound dispatch buffer, no host sync
     expert_parallel_size: int = 1                   # --moe-expert-parallel-size
     compile_routing: bool = False                   # --moe-compile-routing (torch.compile)
+    routing_cuda_graphs: bool = False               # --moe-routing-cuda-graphs (on CUDA)
     kernels: str = "auto"                           # --moe-kernels: auto | triton | torch
     expert_gemm: str = "auto"                       # --moe-expert-gemm: auto | fused | grouped_mm
 

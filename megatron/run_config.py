@@ -65,7 +65,8 @@ def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig
         expert_impl=args.moe_expert_impl,
         sync_free=args.moe_sync_free_dispatch or args.compile is not None,
         expert_parallel_size=args.moe_expert_parallel_size,
-        compile_routing=args.moe_compile_routing, kernels=args.moe_kernels,
+        compile_routing=args.moe_compile_routing or args.moe_routing_cuda_graphs,
+        routing_cuda_graphs=args.moe_routing_cuda_graphs, kernels=args.moe_kernels,
         expert_gemm=args.moe_expert_gemm)
     return GPTConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,

@@ -484,7 +484,13 @@ def test_built_model_config_runs_the_model(files, router_flags):
 def test_compile_routing_flag(files):
     assert not configs(xmoe_argv(files), world_size=WORLD).model.moe.compile_routing
     run = configs(xmoe_argv(files, extra="--moe-compile-routing"), world_size=WORLD)
-    assert run.model.moe.compile_routing
+    assert run.model.moe.compile_routing and not run.model.moe.routing_cuda_graphs
+    run = configs(xmoe_argv(files, extra="--moe-routing-cuda-graphs"), world_size=WORLD)
+    assert run.model.moe.compile_routing and run.model.moe.routing_cuda_graphs
+    with pytest.raises(ValueError, match="--moe-routing-cuda-graphs cannot be combined with "
+                                         "--checkpoint-activations"):
+        configs(xmoe_argv(files, extra="--moe-routing-cuda-graphs --checkpoint-activations"),
+                world_size=WORLD)
 
 
 def test_compile_flag_implies_sync_free_dispatch(files):

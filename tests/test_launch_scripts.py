@@ -227,7 +227,7 @@ def test_dry_run_writes_only_the_json(paths):
     ({"LAUNCHER": "mpirun"}, "LAUNCHER must be deepspeed or torchrun"),
     ({"PRECISION": "fp8"}, "PRECISION must be bf16, fp16 or fp32"),
     ({"NUM_NODES": "2"}, "needs HOSTFILE"),
-    ({"COMPILE": "yes"}, "COMPILE must be routing, model or none"),
+    ({"COMPILE": "yes"}, "COMPILE must be routing, routing-graphs, model or none"),
 ])
 def test_bad_settings_stop_before_launching(paths, env, message):
     r = dry_run(SCRIPTS[0], paths, **env)
@@ -247,12 +247,16 @@ def test_expert_parallel_size_from_the_environment(paths):
 
 @pytest.mark.parametrize("compile_env, flags", [
     (None, ["--moe-compile-routing"]), ("routing", ["--moe-compile-routing"]),
-    ("model", ["--compile"]), ("none", [])])
+    ("routing-graphs", ["--moe-routing-cuda-graphs"]), ("model", ["--compile"]),
+    ("none", [])])
 def test_compile_setting(paths, compile_env, flags):
     env = {} if compile_env is None else {"COMPILE": compile_env}
     _, gpt_argv = split_command(dry_run(SCRIPTS[0], paths, **env).stdout)
-    got = [f for f in gpt_argv if f in ("--moe-compile-routing", "--compile")]
+    got = [f for f in gpt_argv
+           if f in ("--moe-compile-routing", "--moe-routing-cuda-graphs", "--compile")]
     assert got == flags
     run = build(gpt_argv, world_size=4)
-    assert run.model.moe.compile_routing == (flags == ["--moe-compile-routing"])
+    assert run.model.moe.compile_routing == (flags[:1] in (["--moe-compile-routing"],
+                                                            ["--moe-routing-cuda-graphs"]))
+    assert run.model.moe.routing_cuda_graphs == (flags == ["--moe-routing-cuda-graphs"])
     assert (run.training.compile is not None) == (flags == ["--compile"])

@@ -25,14 +25,17 @@ case "${PRECISION}" in
     *) echo "PRECISION must be bf16, fp16 or fp32, got '${PRECISION}'" >&2; exit 2 ;;
 esac
 # COMPILE: routing (default: each MoE layer's routing and dispatch plan torch.compile'd, the
-# exact dispatch kept), model (the whole model compiled, sync-free dispatch: fastest on one H200,
-# not with expert parallelism) or none.
+# exact dispatch kept), routing-graphs (the same, replayed as CUDA graphs: fewer host launches;
+# not with ACTIVATION_CHECKPOINT=true), model (the whole model compiled, sync-free dispatch:
+# fastest on one H200, not with expert parallelism) or none.
 COMPILE=${COMPILE:-routing}
 case "${COMPILE}" in
     none) compile_options=() ;;
     routing) compile_options=(--moe-compile-routing) ;;
+    routing-graphs) compile_options=(--moe-routing-cuda-graphs) ;;
     model) compile_options=(--compile) ;;
-    *) echo "COMPILE must be routing, model or none, got '${COMPILE}'" >&2; exit 2 ;;
+    *) echo "COMPILE must be routing, routing-graphs, model or none, got '${COMPILE}'" >&2
+       exit 2 ;;
 esac
 if [[ "${LAUNCHER}" == deepspeed && "${NUM_NODES}" -gt 1 && -z "${HOSTFILE}" ]]; then
     echo "NUM_NODES=${NUM_NODES} with the deepspeed launcher needs HOSTFILE" \

@@ -473,7 +473,7 @@ def compiled_routing(request, monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(layer_module.routing_step, fullgraph=True, dynamic=False,
                              backend=request.param)
-    monkeypatch.setattr(layer_module, "_COMPILED_ROUTING_STEP", compiled)
+    monkeypatch.setattr(layer_module, "_COMPILED_ROUTING_STEPS", {"default": compiled})
     yield request.param
     torch._dynamo.reset()
 
@@ -500,3 +500,15 @@ def test_compiled_routing_matches_reference(compiled_routing, router, sync_free)
 def test_inductor_compiled_routing_matches_reference(compiled_routing):
     layer = make_layer("threshold", True, False, compile_routing=True).train()
     run_and_compare(layer)
+
+
+@pytest.mark.parametrize("compiled_routing", ["aot_eager"], indirect=True)
+def test_routing_cuda_graphs_off_cuda_compile_plainly(compiled_routing):
+    """routing_cuda_graphs only applies to CUDA tensors: on CPU the plainly compiled step runs
+    (the fixture's), with the same results as without the option."""
+    from megatron.model.moe import layer as layer_module
+
+    layer = make_layer("threshold", True, False, routing_cuda_graphs=True,
+                       compile_routing=True).train()
+    run_and_compare(layer)
+    assert set(layer_module._COMPILED_ROUTING_STEPS) == {"default"}

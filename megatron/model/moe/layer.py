@@ -158,8 +158,10 @@ class MoELayer(nn.Module):
         logits_TE = self.router_logits(x_TD)
         noise_TE = None
         step: Callable = routing_step
-        if self.config.compile_routing and logits_TE is not None:
-            step = compiled_routing_step()
+        if (self.config.compile_routing and logits_TE is not None
+                and not torch.compiler.is_compiling()):       # (a compiled model inlines it)
+            graphs = self.config.routing_cuda_graphs and logits_TE.is_cuda
+            step = compiled_routing_step("reduce-overhead" if graphs else "default")
             if self.training and self.config.router == "topk" and self.config.topk > 1:
                 # Drawn eagerly, as route() would: the same random stream as without compile.
                 noise_TE = gumbel_noise_like(logits_TE)
@@ -199,16 +201,22 @@ def routing_step(logits_TE: Optional[torch.Tensor], token_ids_T: Optional[torch.
     return decision, plan, stats
 
 
-_COMPILED_ROUTING_STEP: Optional[Callable] = None
+_COMPILED_ROUTING_STEPS: "dict[str, Callable]" = {}
 
 
-def compiled_routing_step() -> Callable:
-    """torch.compile(routing_step), built once per process (shapes and config are guarded, so
-    layers of one shape share the compiled code)."""
-    global _COMPILED_ROUTING_STEP
-    if _COMPILED_ROUTING_STEP is None:
-        _COMPILED_ROUTING_STEP = torch.compile(routing_step, fullgraph=True, dynamic=False)
-    return _COMPILED_ROUTING_STEP
+def compiled_routing_step(mode: str = "default") -> Callable:
+    """torch.compile(routing_step, mode=mode), built once per process and mode (shapes and
+    config are guarded, so layers of one shape share the compiled code).
+
+    mode "reduce-overhead" (config.routing_cuda_graphs) replays the step's ~30 kernels as CUDA
+    graphs (torch's CUDA graph trees: one graph per call site of a step, i.e. per MoE layer,
+    forward and backward): on the H200's VM eager training with compiled routing went from
+    233.5k to 263.3k tokens/s (276.1k with sync-free dispatch). The graphs own their outputs:
+    the next step's replay overwrites them (torch raises if an overwritten one is read)."""
+    if mode not in _COMPILED_ROUTING_STEPS:
+        _COMPILED_ROUTING_STEPS[mode] = torch.compile(routing_step, fullgraph=True,
+                                                      dynamic=False, mode=mode)
+    return _COMPILED_ROUTING_STEPS[mode]
 
 
 def shard_moe_layers_(model: nn.Module, group: "torch.distributed.ProcessGroup") -> int:
