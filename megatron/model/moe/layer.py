@@ -209,8 +209,8 @@ def compiled_routing_step(mode: str = "default") -> Callable:
     config are guarded, so layers of one shape share the compiled code).
 
     mode "reduce-overhead" (config.routing_cuda_graphs) replays the step's ~30 kernels as CUDA
-    graphs (torch's CUDA graph trees: one graph per call site of a step, i.e. per MoE layer,
-    forward and backward): on the H200's VM eager training with compiled routing went from
+    graphs (torch's CUDA graph trees: one graph per call within a training step, i.e. per MoE
+    layer, forward and backward): on the H200's VM eager training with compiled routing went from
     233.5k to 263.3k tokens/s (276.1k with sync-free dispatch). The graphs own their outputs:
     the next step's replay overwrites them (torch raises if an overwritten one is read)."""
     if mode not in _COMPILED_ROUTING_STEPS:
