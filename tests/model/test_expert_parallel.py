@@ -18,9 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron.config import MoEConfig
-from megatron.model.moe import MoELayer, combine, dispatch, make_plan
-from megatron.model.moe.expert_parallel import (expert_parallel_experts, expert_range,
-                                                local_order, shard_experts)
+from megatron.model.moe import MoELayer
+from megatron.model.moe.expert_parallel import expert_range, local_order
 
 WORLD, T, D, FH, V = 2, 20, 16, 8, 50
 
