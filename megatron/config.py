@@ -90,6 +90,11 @@ class MoEConfig:
         if self.expert_parallel_size < 1:
             raise ValueError(f"--moe-expert-parallel-size must be >= 1, got "
                              f"{self.expert_parallel_size}")
+        if self.routing_cuda_graphs and not self.compile_routing:
+            # (--moe-routing-cuda-graphs sets both; a typed config must too, or the graphs
+            # would silently not be used.)
+            raise ValueError("routing_cuda_graphs needs compile_routing: the graphs replay the "
+                             "compiled routing step")
         if self.expert_parallel_size > 1 and self.sync_free:
             # The exchange needs host split sizes; a sync-free one would need a fixed per-rank
             # capacity in the all_to_all (not built).

@@ -512,3 +512,8 @@ def test_routing_cuda_graphs_off_cuda_compile_plainly(compiled_routing):
                        compile_routing=True).train()
     run_and_compare(layer)
     assert set(layer_module._COMPILED_ROUTING_STEPS) == {"default"}
+
+
+def test_routing_cuda_graphs_needs_compile_routing():
+    with pytest.raises(ValueError, match="routing_cuda_graphs needs compile_routing"):
+        make_layer("threshold", True, False, routing_cuda_graphs=True)
