@@ -1,7 +1,7 @@
 """Sweep launch settings of the MoE row kernels (megatron/model/moe/kernels.py) on a GPU.
 
-Row kernels: rows per step x warps x programs per SM; bag sums: warps; segment sums: tile
-and warps. Kernel time only (20 launches captured in a CUDA graph, best of 5 replays: the
+Row kernels: rows per step x warps x programs per SM; GeLU: rows x column chunk x warps x
+programs per SM; bag sums: warps; segment sums: tile and warps. Kernel time only (20 launches captured in a CUDA graph, best of 5 replays: the
 device VM's ~60 us of host time per Triton launch would otherwise hide the kernels), at the
 moe_layer benchmark's shapes (T = 16,384, D = 768, F = 384, E = 64, 3 T kept rows). Prints the
 launchers' current setting and the four best of the sweep; kernels.py holds the choice.
@@ -71,8 +71,6 @@ def main() -> None:
 
     row_cases = {
         "gather": lambda: K.gather_rows(x, token_P, offs, bf),
-        "gelu": lambda: K.gelu_rows(h, b1, offs),
-        "gelu_backward": lambda: K.gelu_backward_rows(gh, h, b1, offs),
         "combine_backward": lambda: K.combine_backward(grad_TD, y, w, b2, token_P, offs),
     }
     saved = (K._rows, K._warps, K._row_grid)
@@ -89,6 +87,18 @@ def main() -> None:
             report(name, current, results, ("rows", "warps", "per_sm"))
     finally:
         K._rows, K._warps, K._row_grid = saved
+
+    for backward in (False, True):
+        out, results = torch.empty_like(h), []
+        for rows, cols, warps, per_sm in itertools.product([4, 8, 16, 32], [64, 128], [4, 8],
+                                                           [4, 8, 16]):
+            results.append((kernel_us(lambda: K._gelu_kernel[(sms * per_sm,)](
+                gh, h, b1, offs, out, E, F=F, HAS_BIAS=True, BACKWARD=backward, ROWS=rows,
+                COLS=cols, BLOCK_E=64, num_warps=warps)), rows, cols, warps, per_sm))
+        current = kernel_us(lambda: K.gelu_backward_rows(gh, h, b1, offs) if backward
+                            else K.gelu_rows(h, b1, offs))
+        report("gelu_backward" if backward else "gelu", current, results,
+               ("rows", "cols", "warps", "per_sm"))
 
     for weighted in (True, False):
         args = (y, rows_J, starts, offs, T, w if weighted else None, b2 if weighted else None, bf)

@@ -39,7 +39,7 @@ def row_kernel_cases():
         for backward in (False, True):
             yield k._gelu_kernel, dict(grad_ptr=BF16, h_ptr=BF16, bias_ptr=BF16,
                                        offsets_ptr=I32, out_ptr=BF16), rows, \
-                dict(F=384, HAS_BIAS=bias, BACKWARD=backward, ROWS=8, BLOCK=512, BLOCK_E=64)
+                dict(F=384, HAS_BIAS=bias, BACKWARD=backward, ROWS=16, COLS=128, BLOCK_E=64)
         yield k._combine_backward_kernel, dict(
             grad_ptr=BF16, y_ptr=BF16, weight_ptr=F32, bias_ptr=BF16, token_ptr=I64,
             offsets_ptr=I32, grad_y_ptr=BF16, grad_w_ptr=F32), rows, \

@@ -111,25 +111,33 @@ def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_s
 @triton.jit
 def _gelu_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
                  F: tl.constexpr, HAS_BIAS: tl.constexpr, BACKWARD: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+                 ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_E: tl.constexpr):
     """For rows p < N, with z = h[p] + bias[expert(p)] (exact erf GeLU, fp32 math):
     forward:  out[p] = gelu(z)                                     (grad_ptr unused)
-    backward: out[p] = grad[p] * gelu'(z), gelu'(z) = Phi(z) + z phi(z)."""
+    backward: out[p] = grad[p] * gelu'(z), gelu'(z) = Phi(z) + z phi(z).
+    Columns in chunks of COLS (F = 384 in a 512-wide tile left a quarter of it masked: the
+    chunked kernel was 20-25% faster on the H200), the rows' experts found once per step."""
     start, end = _row_range(offsets_ptr, num_experts)
-    cols = tl.arange(0, BLOCK)
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
-        at = _tile_at(rows, cols, F)
-        mask = (rows < end)[:, None] & (cols < F)[None, :]
-        x = _row_tile(h_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask, F,
-                      HAS_BIAS, BLOCK_E)
-        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
-        if BACKWARD:
-            g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            y = g * (cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI)
-        else:
-            y = x * cdf
-        tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
+        live = rows < end
+        if HAS_BIAS:
+            e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
+        for c0 in tl.static_range(0, F, COLS):
+            cols = c0 + tl.arange(0, COLS)
+            at = _tile_at(rows, cols, F)
+            mask = live[:, None] & (cols < F)[None, :]
+            x = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                x += tl.load(bias_ptr + e[:, None] * F + cols[None, :], mask=mask,
+                             other=0.0).to(tl.float32)
+            cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
+            if BACKWARD:
+                g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                y = g * (cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+            else:
+                y = x * cdf
+            tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -239,10 +247,10 @@ def sm_count(device: torch.device) -> int:
     return _sm_count_of(index)
 
 
-def _row_grid(device: torch.device, num_rows: int) -> tuple:
+def _row_grid(device: torch.device, num_rows: int, per_sm: int = 32) -> tuple:
     """Programs for a row kernel: a few per SM (a few rows each on CPU / interpreter)."""
     if device.type == "cuda":
-        return (max(1, min(num_rows, sm_count(device) * 32)),)
+        return (max(1, min(num_rows, sm_count(device) * per_sm)),)
     return (max(1, min(num_rows, 4)),)
 
 
@@ -274,17 +282,19 @@ def gelu_backward_rows(grad_PF: torch.Tensor, h_PF: torch.Tensor, bias_EF: Optio
 
 def _gelu(grad_PF: Optional[torch.Tensor], h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
           offsets_E: torch.Tensor) -> torch.Tensor:
-    """_gelu_kernel: forward without grad_PF, backward with it."""
+    """_gelu_kernel: forward without grad_PF, backward with it. Launch settings: the best
+    common one of a sweep on the H200 (F = 384; fwd 33.7 us, bwd 43.9 us for 49K rows): tiles
+    of 16 x 128, 8 warps, 8 programs per SM."""
     P, Fh = h_PF.shape
     h_PF = h_PF.contiguous()
     out = torch.empty_like(h_PF)
     if P:
-        block = _block(Fh)
-        _gelu_kernel[_row_grid(h_PF.device, P)](
+        cols = min(_block(Fh), 128)
+        _gelu_kernel[_row_grid(h_PF.device, P, per_sm=8)](
             _or(grad_PF, h_PF), h_PF, _or(bias_EF, offsets_E), offsets_E, out,
             offsets_E.shape[0], F=Fh, HAS_BIAS=bias_EF is not None,
-            BACKWARD=grad_PF is not None, ROWS=_rows(block), BLOCK=block,
-            BLOCK_E=_block(offsets_E.shape[0]), num_warps=_warps(block))
+            BACKWARD=grad_PF is not None, ROWS=max(1, min(16, 2048 // cols)), COLS=cols,
+            BLOCK_E=_block(offsets_E.shape[0]), num_warps=8)
     return out
 
 

@@ -109,7 +109,13 @@ def _grad_gate_kernel(g_ptr, x_ptr, out_ptr, T, E, rows_per_chunk, D: tl.constex
              mask=(es < E)[:, None] & (ds < D)[None, :])
 
 
-_BT, _BD, _CHUNKS = 64, 64, 32
+# Tiles and launch settings per kernel: the best of a sweep on the H200 (T = 16,384, D = 768,
+# E = 64; kernel time in a CUDA graph): logits 18.6 -> 16.6 us, dL/dx 24.6 -> 18.7 us,
+# dL/dgate with its chunk sum 22.1 -> 18.9 us against the former 64 x 64 tiles and 4 warps.
+_LOGITS = dict(BT=128, BD=64, num_warps=8, num_stages=3)
+_GRAD_X = dict(BT=128, BD=128, num_warps=4, num_stages=2)
+_GRAD_GATE = dict(BT=32, BD=128, num_warps=4, num_stages=3)
+_CHUNKS = 64        # dL/dgate: row chunks reduced separately, then summed in a fixed order
 
 
 def _block_e(num_experts: int) -> int:
@@ -130,8 +136,8 @@ class _RouterLogits(torch.autograd.Function):
         split = x_TD.dtype != torch.float32
         out = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
         if T:
-            _logits_kernel[(triton.cdiv(T, _BT),)](
-                x_TD, gate_ED, out, T, E, D=D, SPLIT=split, BT=_BT, BE=_block_e(E), BD=_BD)
+            _logits_kernel[(triton.cdiv(T, _LOGITS["BT"]),)](
+                x_TD, gate_ED, out, T, E, D=D, SPLIT=split, BE=_block_e(E), **_LOGITS)
         return out
 
     @staticmethod
@@ -144,15 +150,16 @@ class _RouterLogits(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x_TD)
             if T:
-                _grad_x_kernel[(triton.cdiv(T, _BT), triton.cdiv(D, _BD))](
-                    grad_TE, gate_ED, grad_x, T, E, D=D, SPLIT=split, BT=_BT,
-                    BE=_block_e(E), BD=_BD)
+                _grad_x_kernel[(triton.cdiv(T, _GRAD_X["BT"]), triton.cdiv(D, _GRAD_X["BD"]))](
+                    grad_TE, gate_ED, grad_x, T, E, D=D, SPLIT=split, BE=_block_e(E),
+                    **_GRAD_X)
         if ctx.needs_input_grad[1]:
-            rows_per_chunk = triton.cdiv(max(T, 1), _CHUNKS * _BT) * _BT
+            bt = _GRAD_GATE["BT"]
+            rows_per_chunk = triton.cdiv(max(T, 1), _CHUNKS * bt) * bt
             chunks = triton.cdiv(max(T, 1), rows_per_chunk)
             partial = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)
-            _grad_gate_kernel[(triton.cdiv(D, _BD), chunks)](
-                grad_TE, x_TD, partial, T, E, rows_per_chunk, D=D, SPLIT=split, BT=_BT,
-                BE=_block_e(E), BD=_BD)
+            _grad_gate_kernel[(triton.cdiv(D, _GRAD_GATE["BD"]), chunks)](
+                grad_TE, x_TD, partial, T, E, rows_per_chunk, D=D, SPLIT=split,
+                BE=_block_e(E), **_GRAD_GATE)
             grad_gate = partial.sum(0).to(gate_ED.dtype)
         return grad_x, grad_gate
