@@ -1,10 +1,12 @@
 """Sweep launch settings of the MoE row kernels (megatron/model/moe/kernels.py) on a GPU.
 
 Row kernels: rows per step x warps x programs per SM; GeLU: rows x column chunk x warps x
-programs per SM; bag sums: warps; segment sums: tile and warps. Kernel time only (20 launches captured in a CUDA graph, best of 5 replays: the
-device VM's ~60 us of host time per Triton launch would otherwise hide the kernels), at the
-moe_layer benchmark's shapes (T = 16,384, D = 768, F = 384, E = 64, 3 T kept rows). Prints the
-launchers' current setting and the four best of the sweep; kernels.py holds the choice.
+programs per SM; combine backward (per-expert slices, with dL/db2): rows x warps x programs per
+SM; bag sums: warps; segment sums: tile and warps. Kernel time only (20 launches captured in a
+CUDA graph, best of 5 replays: the device VM's ~60 us of host time per Triton launch would
+otherwise hide the kernels), at the moe_layer benchmark's shapes (T = 16,384, D = 768, F = 384,
+E = 64, 3 T kept rows). Prints the launchers' current setting and the four best of the sweep;
+kernels.py holds the choice.
 
     python benchmarks/tune_row_kernels.py
 """
@@ -71,7 +73,6 @@ def main() -> None:
 
     row_cases = {
         "gather": lambda: K.gather_rows(x, token_P, offs, bf),
-        "combine_backward": lambda: K.combine_backward(grad_TD, y, w, b2, token_P, offs),
     }
     saved = (K._rows, K._warps, K._row_grid)
     try:
@@ -88,6 +89,9 @@ def main() -> None:
     finally:
         K._rows, K._warps, K._row_grid = saved
 
+    def expert_grid(per_sm: int) -> tuple:
+        return (E, -(-sms * per_sm // E))
+
     for backward in (False, True):
         out, results = torch.empty_like(h), []
         for rows, cols, warps, per_sm in itertools.product([4, 8, 16, 32], [64, 128], [4, 8],
@@ -99,6 +103,16 @@ def main() -> None:
                             else K.gelu_rows(h, b1, offs))
         report("gelu_backward" if backward else "gelu", current, results,
                ("rows", "cols", "warps", "per_sm"))
+
+    results = []
+    grad_y, grad_w = torch.empty_like(y), torch.empty_like(w)
+    partial = torch.empty(E, sms * 32, D, dtype=torch.float32, device=dev)
+    for rows, warps, per_sm in itertools.product([1, 2, 4, 8], [4, 8], [8, 16, 32]):
+        results.append((kernel_us(lambda: K._combine_backward_kernel[expert_grid(per_sm)](
+            grad_TD, y, w, b2, token_P, offs, grad_y, grad_w, partial, D=D, HAS_BIAS=True,
+            BIAS_GRAD=True, ROWS=rows, BLOCK=1024, num_warps=warps)), rows, warps, per_sm))
+    report("combine_backward (+ dL/db2)", kernel_us(lambda: K.combine_backward(
+        grad_TD, y, w, b2, token_P, offs, bias_grad=True)), results, ("rows", "warps", "per_sm"))
 
     for weighted in (True, False):
         args = (y, rows_J, starts, offs, T, w if weighted else None, b2 if weighted else None, bf)

@@ -93,22 +93,31 @@ def test_bag_sum_matches_loop(kernels, weighted, bias):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_combine_backward_matches_loop(kernels, bias):
+@pytest.mark.parametrize("ends", [[1, 4, 4, 6], [0, 25, 26, 40]])     # empty experts; slices
+def test_combine_backward_matches_loop(kernels, bias, ends):
+    n = ends[-1]
     grad = torch.randn(4, 5, device=DEVICE)
-    y = torch.randn(7, 5, device=DEVICE)
-    y[6:] = float("nan")                                 # padding row
-    weight = torch.rand(7, device=DEVICE)
-    token = torch.tensor([2, 0, 3, 2, 1, 0, 1], device=DEVICE)
-    off = torch.tensor([1, 4, 4, 6], dtype=torch.int32, device=DEVICE)
+    y = torch.randn(n + 1, 5, device=DEVICE)
+    y[n:] = float("nan")                                 # padding row
+    weight = torch.rand(n + 1, device=DEVICE)
+    token = torch.randint(0, 4, (n + 1,), device=DEVICE)
+    off = torch.tensor(ends, dtype=torch.int32, device=DEVICE)
     b2 = torch.randn(4, 5, device=DEVICE) if bias else None
-    grad_y, grad_w = kernels.combine_backward(grad, y, weight, b2, token, off)
-    expert = expert_rows(off, 6)
-    for p in range(6):
+    grad_y, grad_w, grad_b2 = kernels.combine_backward(grad, y, weight, b2, token, off,
+                                                       bias_grad=bias)
+    expert = expert_rows(off, n)
+    want_b2 = torch.zeros(4, 5, device=DEVICE)
+    for p in range(n):
         g = grad[token[p]]
         yb = y[p] + (b2[expert[p]] if bias else 0.0)
         torch.testing.assert_close(grad_y[p], g * weight[p], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(grad_w[p], (g * yb).sum(), atol=1e-5, rtol=1e-5)
-    assert float(grad_w[6]) == 0.0
+        want_b2[expert[p]] += g * weight[p]
+    assert float(grad_w[n]) == 0.0
+    if bias:
+        torch.testing.assert_close(grad_b2, want_b2, atol=1e-5, rtol=1e-5)
+    else:
+        assert grad_b2 is None
 
 
 @pytest.mark.parametrize("gather", [False, True])

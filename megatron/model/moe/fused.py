@@ -8,8 +8,8 @@ column, no [w; b] weight copies, no strided weight-gradient slices), b1 is added
 GeLU kernel and b2 inside the combine, which sums each token's rows with their weights in
 fp32; no pass touches the rows past N of a sync-free buffer (so no masking is needed either:
 grouped_mm leaves those rows alone, and so does every kernel here). Backward: dispatch's
-gradient is a per-token bag sum (no atomics), combine's two gradients come from one pass,
-bias gradients are per-expert row sums.
+gradient is a per-token bag sum (no atomics), combine's two gradients and dL/db2 come from
+one pass; dL/db1 is a per-expert row sum (fixed order).
 
 Used on CUDA when triton is importable (MoEConfig.kernels "auto"), or always with "triton"
 (CPU tests run the kernels under triton's interpreter). Expert parallelism keeps the torch path.
@@ -167,7 +167,8 @@ class _BiasGelu(torch.autograd.Function):
 
 
 class _BiasCombine(torch.autograd.Function):
-    """out_TD[t] = sum of weight_P[r] * (y_PD[r] + b2[expert of r]) over token t's rows (fp32)."""
+    """out_TD[t] = sum of weight_P[r] * (y_PD[r] + b2[expert of r]) over token t's rows (fp32);
+    the combine backward kernel also sums dL/db2 per expert."""
 
     @staticmethod
     def forward(ctx, y_PD, weight_P, b2_ED, token_P, offs_E, rows_J, starts_T, num_tokens: int,
@@ -179,12 +180,10 @@ class _BiasCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_TD):
         y_PD, weight_P, b2_ED, token_P, offs_E = ctx.saved_tensors
-        grad_y, grad_w = _KERNELS.combine_backward(grad_TD, y_PD, weight_P, b2_ED, token_P,
-                                                   offs_E)
-        grad_b2 = None
-        if b2_ED is not None and ctx.needs_input_grad[2]:
-            grad_b2 = _KERNELS.segment_sum(grad_y, offs_E).to(b2_ED.dtype)
-        return grad_y, grad_w, grad_b2, None, None, None, None, None, None
+        grad_y, grad_w, grad_b2 = _KERNELS.combine_backward(
+            grad_TD, y_PD, weight_P, b2_ED, token_P, offs_E,
+            bias_grad=b2_ED is not None and ctx.needs_input_grad[2])
+        return grad_y, grad_w, _cast(grad_b2, b2_ED), None, None, None, None, None, None
 
 
 class _FusedExperts(torch.autograd.Function):
