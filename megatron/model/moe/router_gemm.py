@@ -115,7 +115,10 @@ def _grad_gate_kernel(g_ptr, x_ptr, out_ptr, T, E, rows_per_chunk, D: tl.constex
 _LOGITS = dict(BT=128, BD=64, num_warps=8, num_stages=3)
 _GRAD_X = dict(BT=128, BD=128, num_warps=4, num_stages=2)
 _GRAD_GATE = dict(BT=32, BD=128, num_warps=4, num_stages=3)
-_CHUNKS = 64        # dL/dgate: row chunks reduced separately, then summed in a fixed order
+# dL/dgate: row chunks reduced separately, then summed in a fixed order. Up to 64 chunks, so
+# that ~512 programs run (64 at D = 768); wider models need fewer, which also bounds the
+# [chunks, E, D] fp32 buffer of partial sums to ~512 * BD * E floats whatever D is.
+_CHUNKS, _GATE_PROGRAMS = 64, 512
 
 
 def _block_e(num_experts: int) -> int:
@@ -154,11 +157,12 @@ class _RouterLogits(torch.autograd.Function):
                     grad_TE, gate_ED, grad_x, T, E, D=D, SPLIT=split, BE=_block_e(E),
                     **_GRAD_X)
         if ctx.needs_input_grad[1]:
-            bt = _GRAD_GATE["BT"]
-            rows_per_chunk = triton.cdiv(max(T, 1), _CHUNKS * bt) * bt
+            bt, col_programs = _GRAD_GATE["BT"], triton.cdiv(D, _GRAD_GATE["BD"])
+            max_chunks = max(1, min(_CHUNKS, triton.cdiv(_GATE_PROGRAMS, col_programs)))
+            rows_per_chunk = triton.cdiv(max(T, 1), max_chunks * bt) * bt
             chunks = triton.cdiv(max(T, 1), rows_per_chunk)
             partial = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)
-            _grad_gate_kernel[(triton.cdiv(D, _GRAD_GATE["BD"]), chunks)](
+            _grad_gate_kernel[(col_programs, chunks)](
                 grad_TE, x_TD, partial, T, E, rows_per_chunk, D=D, SPLIT=split,
                 BE=_block_e(E), **_GRAD_GATE)
             grad_gate = partial.sum(0).to(gate_ED.dtype)
