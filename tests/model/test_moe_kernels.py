@@ -138,7 +138,7 @@ def test_segment_sum_matches_loop(kernels, gather):
 
 # ----------------------------------------------------------------------------- router GEMM
 
-@pytest.mark.parametrize("shape", [(70, 40, 6), (64, 64, 16), (5, 130, 3)])
+@pytest.mark.parametrize("shape", [(70, 40, 6), (64, 64, 16), (5, 130, 3), (33, 24, 72)])
 def test_router_gemm_matches_fp64(kernels, shape):
     """Logits and both gradients vs float64 (CPU interpreter: fp32 operands; CUDA: bf16
     activations, the fp32 weight split in bf16 parts on tensor cores)."""

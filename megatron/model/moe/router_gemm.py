@@ -112,9 +112,12 @@ def _grad_gate_kernel(g_ptr, x_ptr, out_ptr, T, E, rows_per_chunk, D: tl.constex
 # Tiles and launch settings per kernel: the best of a sweep on the H200 (T = 16,384, D = 768,
 # E = 64; kernel time in a CUDA graph): logits 18.6 -> 16.6 us, dL/dx 24.6 -> 18.7 us,
 # dL/dgate with its chunk sum 22.1 -> 18.9 us against the former 64 x 64 tiles and 4 warps.
+# Tuned at E = 64 only: with more experts (BE > 64) the former 64 x 64 tiles are kept, so
+# that no [128, BE] fp32 accumulator spills where nothing was measured.
 _LOGITS = dict(BT=128, BD=64, num_warps=8, num_stages=3)
 _GRAD_X = dict(BT=128, BD=128, num_warps=4, num_stages=2)
 _GRAD_GATE = dict(BT=32, BD=128, num_warps=4, num_stages=3)
+_UNTUNED = dict(BT=64, BD=64, num_warps=4, num_stages=3)
 # dL/dgate: row chunks reduced separately, then summed in a fixed order. Up to 64 chunks, so
 # that ~512 programs run (64 at D = 768); wider models need fewer, which also bounds the
 # [chunks, E, D] fp32 buffer of partial sums to ~512 * BD * E floats whatever D is.
@@ -123,6 +126,11 @@ _CHUNKS, _GATE_PROGRAMS = 64, 512
 
 def _block_e(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))
+
+
+def _tiles(tuned: dict, num_experts: int) -> dict:
+    """A kernel's tiles and launch settings: the tuned ones up to 64 experts."""
+    return tuned if _block_e(num_experts) <= 64 else _UNTUNED
 
 
 def router_logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Tensor:
@@ -139,8 +147,9 @@ class _RouterLogits(torch.autograd.Function):
         split = x_TD.dtype != torch.float32
         out = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
         if T:
-            _logits_kernel[(triton.cdiv(T, _LOGITS["BT"]),)](
-                x_TD, gate_ED, out, T, E, D=D, SPLIT=split, BE=_block_e(E), **_LOGITS)
+            tiles = _tiles(_LOGITS, E)
+            _logits_kernel[(triton.cdiv(T, tiles["BT"]),)](
+                x_TD, gate_ED, out, T, E, D=D, SPLIT=split, BE=_block_e(E), **tiles)
         return out
 
     @staticmethod
@@ -153,17 +162,18 @@ class _RouterLogits(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x_TD)
             if T:
-                _grad_x_kernel[(triton.cdiv(T, _GRAD_X["BT"]), triton.cdiv(D, _GRAD_X["BD"]))](
-                    grad_TE, gate_ED, grad_x, T, E, D=D, SPLIT=split, BE=_block_e(E),
-                    **_GRAD_X)
+                tiles = _tiles(_GRAD_X, E)
+                _grad_x_kernel[(triton.cdiv(T, tiles["BT"]), triton.cdiv(D, tiles["BD"]))](
+                    grad_TE, gate_ED, grad_x, T, E, D=D, SPLIT=split, BE=_block_e(E), **tiles)
         if ctx.needs_input_grad[1]:
-            bt, col_programs = _GRAD_GATE["BT"], triton.cdiv(D, _GRAD_GATE["BD"])
+            tiles = _tiles(_GRAD_GATE, E)
+            bt, col_programs = tiles["BT"], triton.cdiv(D, tiles["BD"])
             max_chunks = max(1, min(_CHUNKS, triton.cdiv(_GATE_PROGRAMS, col_programs)))
             rows_per_chunk = triton.cdiv(max(T, 1), max_chunks * bt) * bt
             chunks = triton.cdiv(max(T, 1), rows_per_chunk)
             partial = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)
             _grad_gate_kernel[(col_programs, chunks)](
                 grad_TE, x_TD, partial, T, E, rows_per_chunk, D=D, SPLIT=split,
-                BE=_block_e(E), **_GRAD_GATE)
+                BE=_block_e(E), **tiles)
             grad_gate = partial.sum(0).to(gate_ED.dtype)
         return grad_x, grad_gate
