@@ -79,13 +79,12 @@ def main() -> None:
                 num_warps=warps, num_stages=stages)
             return partial.sum(0)
         results.append((time_or_skip(grad_gate), bt, bd, chunks, warps, stages))
-    bt = R._GRAD_GATE["BT"]
-    rows_per_chunk = triton.cdiv(T, R._CHUNKS * bt) * bt
-    partial = torch.empty(triton.cdiv(T, rows_per_chunk), E, D, device=dev)
+    tiles, rows_per_chunk, n_chunks = R.gate_grad_chunks(T, D, E)
+    partial = torch.empty(n_chunks, E, D, device=dev)
 
     def current_grad_gate():
-        R._grad_gate_kernel[(triton.cdiv(D, R._GRAD_GATE["BD"]), partial.shape[0])](
-            grad_TE, x, partial, T, E, rows_per_chunk, D=D, SPLIT=True, BE=64, **R._GRAD_GATE)
+        R._grad_gate_kernel[(triton.cdiv(D, tiles["BD"]), n_chunks)](
+            grad_TE, x, partial, T, E, rows_per_chunk, D=D, SPLIT=True, BE=64, **tiles)
         return partial.sum(0)
     current = kernel_us(current_grad_gate)
     report("grad_gate (with the chunk sum)", current, results,

@@ -18,6 +18,8 @@ kernels run under triton's interpreter, which is how CPU tests check their index
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -133,6 +135,16 @@ def _tiles(tuned: dict, num_experts: int) -> dict:
     return tuned if _block_e(num_experts) <= 64 else _UNTUNED
 
 
+def gate_grad_chunks(T: int, D: int, E: int) -> Tuple[dict, int, int]:
+    """dL/dgate's (tiles, rows per chunk, chunks): up to _CHUNKS chunks of whole row tiles,
+    ~_GATE_PROGRAMS programs in all."""
+    tiles = _tiles(_GRAD_GATE, E)
+    bt, col_programs = tiles["BT"], triton.cdiv(D, tiles["BD"])
+    max_chunks = max(1, min(_CHUNKS, triton.cdiv(_GATE_PROGRAMS, col_programs)))
+    rows_per_chunk = triton.cdiv(max(T, 1), max_chunks * bt) * bt
+    return tiles, rows_per_chunk, triton.cdiv(max(T, 1), rows_per_chunk)
+
+
 def router_logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Tensor:
     """fp32 [T, E] logits with autograd (x_TD bf16 on CUDA; fp32 under the interpreter)."""
     return _RouterLogits.apply(x_TD, gate_ED)
@@ -166,13 +178,9 @@ class _RouterLogits(torch.autograd.Function):
                 _grad_x_kernel[(triton.cdiv(T, tiles["BT"]), triton.cdiv(D, tiles["BD"]))](
                     grad_TE, gate_ED, grad_x, T, E, D=D, SPLIT=split, BE=_block_e(E), **tiles)
         if ctx.needs_input_grad[1]:
-            tiles = _tiles(_GRAD_GATE, E)
-            bt, col_programs = tiles["BT"], triton.cdiv(D, tiles["BD"])
-            max_chunks = max(1, min(_CHUNKS, triton.cdiv(_GATE_PROGRAMS, col_programs)))
-            rows_per_chunk = triton.cdiv(max(T, 1), max_chunks * bt) * bt
-            chunks = triton.cdiv(max(T, 1), rows_per_chunk)
+            tiles, rows_per_chunk, chunks = gate_grad_chunks(T, D, E)
             partial = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)
-            _grad_gate_kernel[(col_programs, chunks)](
+            _grad_gate_kernel[(triton.cdiv(D, tiles["BD"]), chunks)](
                 grad_TE, x_TD, partial, T, E, rows_per_chunk, D=D, SPLIT=split,
                 BE=_block_e(E), **tiles)
             grad_gate = partial.sum(0).to(gate_ED.dtype)
