@@ -18,10 +18,9 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmarks.tune_row_kernels import kernel_us, report  # noqa: E402
 from megatron.model.moe import router_gemm as R  # noqa: E402
-from tune_row_kernels import kernel_us, report  # noqa: E402
 
 T, D, E = 16384, 768, 64
 

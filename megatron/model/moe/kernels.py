@@ -104,18 +104,6 @@ def _tile_at(rows, cols, W: tl.constexpr):
 
 
 @triton.jit
-def _row_tile(src_ptr, bias_ptr, offsets_ptr, num_experts, rows, cols, at, mask,
-              W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr):
-    """fp32 tile src[at] + bias[expert of row] (masked): values only (see _tile_at)."""
-    v = tl.load(src_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        e = _experts_of(offsets_ptr, num_experts, rows, BLOCK_E)
-        v += tl.load(bias_ptr + e[:, None] * W + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-    return v
-
-
-@triton.jit
 def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_stride,
                         D: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """out[p] = x[token[p]] for p < N, ROWS rows per step."""
@@ -360,21 +348,6 @@ def _expert_grid(device: torch.device, num_experts: int, per_sm: int) -> tuple:
     return (num_experts, 2)
 
 
-def _partials(grid: tuple, width: int, device: torch.device, wanted: bool,
-              launched: bool) -> Optional[torch.Tensor]:
-    """The [E, S, width] fp32 buffer of per-slice sums (None if not wanted); every program of
-    a launched kernel writes its row, so it is zeroed only when no kernel runs."""
-    if not wanted:
-        return None
-    make = torch.empty if launched else torch.zeros
-    return make(grid[0], grid[1], width, dtype=torch.float32, device=device)
-
-
-def _sum_partials(partial_ESW: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """[E, W] fp32 from a kernel's [E, S, W] partial sums (a fixed order: deterministic)."""
-    return None if partial_ESW is None else partial_ESW.sum(dim=1)
-
-
 def combine_backward(grad_TD: torch.Tensor, y_PD: torch.Tensor, weight_P: torch.Tensor,
                      bias_ED: Optional[torch.Tensor], token_P: torch.Tensor,
                      offsets_E: torch.Tensor, bias_grad: bool = False
@@ -387,14 +360,18 @@ def combine_backward(grad_TD: torch.Tensor, y_PD: torch.Tensor, weight_P: torch.
     grad_y = torch.empty(P, D, dtype=y_PD.dtype, device=y_PD.device)
     grad_w = torch.zeros(P, dtype=torch.float32, device=y_PD.device)
     grid = _expert_grid(y_PD.device, E, per_sm=32)
-    partial = _partials(grid, D, y_PD.device, bias_grad, launched=bool(P and E))
+    partial = None         # [E, S, D] per-slice sums: every launched program writes its row
+    if bias_grad:
+        partial = (torch.empty if P and E else torch.zeros)(*grid, D, dtype=torch.float32,
+                                                             device=y_PD.device)
     if P and E:
         block = _block(D)
         _combine_backward_kernel[grid](
             grad_TD, y_PD, weight_P, _or(bias_ED, offsets_E), token_P, offsets_E, grad_y, grad_w,
             _or(partial, offsets_E), D=D, HAS_BIAS=bias_ED is not None, BIAS_GRAD=bias_grad,
             ROWS=_rows(block), BLOCK=block, num_warps=_warps(block))
-    return grad_y, grad_w, _sum_partials(partial)
+    # Summed over the slices in a fixed order: deterministic.
+    return grad_y, grad_w, None if partial is None else partial.sum(dim=1)
 
 
 def segment_sum(src_PK: torch.Tensor, offsets_E: torch.Tensor,
