@@ -400,11 +400,13 @@ def _check_training(args: argparse.Namespace, world_size: int) -> None:
 def _check_data(args: argparse.Namespace) -> None:
     if not args.data_path:
         raise ValueError("--data-path is required")
+    from megatron.data.indexed_dataset import missing_dataset_message  # numpy: only here
+
     prefixes, _ = parse_data_path(args.data_path)
     for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise ValueError(f"--data-path: {prefix}{ext} not found")
+        problem = missing_dataset_message(prefix)
+        if problem:
+            raise ValueError(f"--data-path: {problem}")
     parse_split(args.split, 1000)
     for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
         if path is None:

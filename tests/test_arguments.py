@@ -509,3 +509,15 @@ def test_moe_kernels_flag(files):
     assert run.model.moe.kernels == "torch"
     with pytest.raises(SystemExit):
         configs(xmoe_argv(files, extra="--moe-kernels cuda"), world_size=WORLD)
+
+
+def test_data_path_suggests_the_prefix_that_exists(files):
+    """A path with .bin/.idx, or the --output-prefix without _text_document: say what exists."""
+    argv = small_argv(files)
+    i = argv.index(files["data"])
+    for given in (files["data"] + ".bin", files["data"] + ".idx",
+                  str(files["dir"] / "gpt2-dataset")):
+        argv[i] = given
+        message = rejects(argv, f"--data-path: {given}.bin not found",
+                          f"did you mean {files['data']}")
+        assert "\n" not in message

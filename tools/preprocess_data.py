@@ -6,6 +6,9 @@
 Writes `<output-prefix>_<key>_document.bin/.idx` for every --json-keys key (`_sentence` with
 --split-sentences). The .bin is byte-identical to Megatron-DeepSpeed's tool for the same input,
 vocabulary and --append-eod; the work is done by `megatron.data.preprocess`. Torch-free.
+Each output prefix is locked for the whole run: a second run writing the same --output-prefix
+stops at once with the first one's PID, and hidden temporaries that a killed run left for the
+prefix are removed by the next run (which says so).
 """
 
 import argparse

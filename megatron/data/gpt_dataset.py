@@ -25,7 +25,7 @@ import numpy as np
 from megatron.data.blendable_dataset import BlendableDataset
 from megatron.data.dataset_split import blended_num_samples, parse_data_path, parse_split
 from megatron.data.gpt_index import build_index_mappings
-from megatron.data.indexed_dataset import MMapIndexedDataset, dataset_exists
+from megatron.data.indexed_dataset import MMapIndexedDataset, missing_dataset_message
 from megatron.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -137,9 +137,9 @@ class GPTDataset:
 
 
 def _open_indexed_dataset(prefix: str) -> MMapIndexedDataset:
-    if not dataset_exists(prefix):
-        raise FileNotFoundError(f"--data-path: no indexed dataset at {prefix!r} (expected "
-                                f"{prefix}.bin and {prefix}.idx)")
+    problem = missing_dataset_message(prefix)
+    if problem:
+        raise FileNotFoundError(f"--data-path: {problem}")
     return MMapIndexedDataset(prefix)
 
 

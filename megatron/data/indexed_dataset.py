@@ -15,8 +15,8 @@ numpy only (no torch), so the data tools run on machines without torch.
 
 from __future__ import annotations
 
+import glob
 import os
-import secrets
 import warnings
 
 import numpy as np
@@ -35,11 +35,13 @@ from megatron.data.index_format import (
     read_index,
     write_index,
 )
+from megatron.data.prefix_lock import PrefixLock, file_identity, temporary_stem
 
 __all__ = [
     "DTYPE_CODES", "dtype_code", "best_fitting_dtype", "data_file_path", "index_file_path",
-    "dataset_exists", "IndexedDatasetError", "LegacyEodLayoutWarning", "MMapIndexedDataset",
-    "MMapIndexedDatasetBuilder", "write_index", "HEADER_SIZE", "INDEX_MAGIC", "INDEX_VERSION",
+    "dataset_exists", "missing_dataset_message", "IndexedDatasetError", "LegacyEodLayoutWarning",
+    "MMapIndexedDataset", "MMapIndexedDatasetBuilder", "write_index", "HEADER_SIZE",
+    "INDEX_MAGIC", "INDEX_VERSION",
 ]
 
 
@@ -61,6 +63,36 @@ def index_file_path(prefix: str) -> str:
 def dataset_exists(prefix: str) -> bool:
     """Both halves of the dataset are present (says nothing about their validity)."""
     return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
+
+
+def _existing_prefixes(pattern: str) -> list[str]:
+    """Prefixes of complete datasets whose `.idx` matches the glob `pattern`, sorted."""
+    return sorted(p[:-4] for p in glob.glob(pattern) if dataset_exists(p[:-4]))
+
+
+def missing_dataset_message(prefix: str) -> str | None:
+    """None when `prefix` names a complete dataset; else one line naming the missing file and,
+    where one exists, the dataset prefix that was probably meant (the path given with its
+    .bin/.idx, or the --output-prefix of preprocess_data.py without its `_<key>_document`)."""
+    for path in (data_file_path(prefix), index_file_path(prefix)):
+        if not os.path.isfile(path):
+            missing = path
+            break
+    else:
+        return None
+    if os.path.isfile(data_file_path(prefix)) or os.path.isfile(index_file_path(prefix)):
+        return f"{missing} not found"  # half a dataset: the other half is the problem
+    stem = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    if stem != prefix and dataset_exists(stem):
+        return (f"{missing} not found; did you mean {stem} (a dataset prefix is the path "
+                f"without .bin/.idx)?")
+    escaped = glob.escape(stem)
+    found = (_existing_prefixes(escaped + "_*_document.idx")
+             + _existing_prefixes(escaped + "_*_sentence.idx"))
+    if found:
+        return (f"{missing} not found; did you mean {' or '.join(found[:3])} "
+                f"(preprocess_data.py adds _<key>_document to its --output-prefix)?")
+    return f"{missing} not found"
 
 
 def _fsync_dir(path: str) -> None:
@@ -204,6 +236,10 @@ class MMapIndexedDatasetBuilder:
     Publication order (a crash at any point never leaves a complete-looking mixed pair):
     unlink the old final `.idx`, rename the new `.bin` into place, rename the new `.idx` last.
     As a context manager, leaving the block without `finalize()` (or by an exception) aborts.
+
+    From construction to `finalize()`/`abort()` it holds the prefix's lock (`prefix_lock`): a
+    second builder of the same prefix is refused, naming the holder's PID, and temporaries
+    that killed runs left for this prefix are removed (with a note on stderr).
     """
 
     def __init__(self, out_prefix: str, dtype=np.uint16) -> None:
@@ -214,10 +250,20 @@ class MMapIndexedDatasetBuilder:
         self._dir = directory
         self._final_bin = os.path.join(directory, base + ".bin")
         self._final_idx = os.path.join(directory, base + ".idx")
-        # Hidden, unique temporary names; os.open (unlike mkstemp) keeps the umask's permissions.
-        stem = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}")
-        self._tmp_bin, self._tmp_idx = stem + ".bin.tmp", stem + ".idx.tmp"
-        fd = os.open(self._tmp_bin, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._lock = PrefixLock(out_prefix)  # one writer per prefix, held until published
+        locked = self._lock.acquire()
+        try:
+            if locked:
+                self._lock.remove_stale_temporaries()
+            # What the final names hold now: finalize() refuses to replace anything else.
+            self._found = file_identity(self._final_bin), file_identity(self._final_idx)
+            # Hidden, unique temporary names; os.open (unlike mkstemp) keeps the umask's mode.
+            stem = temporary_stem(out_prefix)
+            self._tmp_bin, self._tmp_idx = stem + ".bin.tmp", stem + ".idx.tmp"
+            fd = os.open(self._tmp_bin, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except BaseException:
+            self._lock.release()
+            raise
         self._data_file = os.fdopen(fd, "wb")
         self._sizes = _IntList()
         self._doc_idx = _IntList([0])
@@ -307,6 +353,7 @@ class MMapIndexedDatasetBuilder:
                 write_index(f, self._dtype, self._sizes.to_array(), self._doc_idx.to_array())
                 f.flush()
                 os.fsync(f.fileno())
+            self._check_not_replaced()
             if os.path.lexists(self._final_idx):
                 os.unlink(self._final_idx)  # an old .idx must never pair with the new .bin
             os.replace(self._tmp_bin, self._final_bin)
@@ -316,19 +363,40 @@ class MMapIndexedDatasetBuilder:
             raise
         self._state = "finalized"
         _fsync_dir(self._dir)
+        self._lock.release()
+
+    def _check_not_replaced(self) -> None:
+        """Refuse to overwrite final files that another program (one that does not take the
+        lock, e.g. the original Megatron tools) wrote since this builder started."""
+        for path, before in zip((self._final_bin, self._final_idx), self._found):
+            if file_identity(path) != before:
+                raise IndexedDatasetError(
+                    f"{self._prefix}: {path} was written by another program while this run was "
+                    f"writing; it is left as it is and this run's output is discarded")
 
     def abort(self) -> None:
-        """Discard everything written; safe to call more than once."""
+        """Discard everything written and release the prefix; safe to call more than once.
+
+        The temporaries are unlinked even when closing the data file fails (a flush that hits
+        ENOSPC): keeping them would leave the disk full.
+        """
         if self._state == "finalized":
             return
         self._state = "aborted"
-        if not self._data_file.closed:
-            self._data_file.close()
-        for path in (self._tmp_bin, self._tmp_idx):
+        try:
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+                if not self._data_file.closed:
+                    self._data_file.close()
+            except OSError:
+                pass  # the unflushed bytes were to be discarded anyway
+            finally:
+                for path in (self._tmp_bin, self._tmp_idx):
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "MMapIndexedDatasetBuilder":
         return self

@@ -3,6 +3,7 @@
 Expected files are assembled by hand with `struct` / numpy here, independently of the writer.
 """
 
+import errno
 import os
 import pickle
 import signal
@@ -23,6 +24,7 @@ from megatron.data.indexed_dataset import (
     best_fitting_dtype,
     dataset_exists,
     dtype_code,
+    missing_dataset_message,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -315,6 +317,22 @@ def test_reader_missing_file(tmp_path, missing):
     assert prefix + missing in str(info.value)
 
 
+def test_missing_dataset_message_suggests_the_prefix_that_exists(tmp_path):
+    prefix = build(str(tmp_path / "corpus_text_document"), DOCS)
+    base = str(tmp_path / "corpus")
+    assert missing_dataset_message(prefix) is None
+    for given in (prefix + ".bin", prefix + ".idx", base, base + ".bin"):
+        message = missing_dataset_message(given)
+        assert message.startswith(f"{given}.bin not found; did you mean {prefix} "), message
+    build(str(tmp_path / "corpus_title_document"), DOCS)
+    assert f"did you mean {prefix} or {base}_title_document " in missing_dataset_message(base)
+    assert missing_dataset_message(str(tmp_path / "nope")) == f"{tmp_path}/nope.bin not found"
+    os.unlink(prefix + ".idx")  # half a dataset: name the missing half, suggest nothing else
+    assert missing_dataset_message(prefix) == f"{prefix}.idx not found"
+    assert missing_dataset_message(base).startswith(f"{base}.bin not found; did you mean "
+                                                    f"{base}_title_document ")
+
+
 # ---------------------------------------------------------------- crash safety
 
 def test_exception_inside_with_publishes_nothing(tmp_path):
@@ -398,7 +416,165 @@ def test_sigkill_during_write_leaves_no_final_index(tmp_path):
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(prefix + ".idx") and not os.path.exists(prefix + ".bin")
-    assert all(name.endswith(".tmp") for name in os.listdir(tmp_path))
+    left = sorted(os.listdir(tmp_path))
+    assert [n for n in left if n.endswith(".tmp")] and all(n.startswith(".ds.") for n in left)
+
+
+# ---------------------------------------------------------------- one writer per prefix
+
+def start_writer(prefix: str, docs) -> subprocess.Popen:
+    """A live process holding a builder for `prefix`: it writes `docs`, says "ready", and
+    finalizes when a line arrives on its stdin."""
+    code = (
+        "import sys\n"
+        "from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder\n"
+        f"b = MMapIndexedDatasetBuilder({prefix!r})\n"
+        f"for doc in {docs!r}:\n"
+        "    for seq in doc:\n"
+        "        b.add_item(seq)\n"
+        "    b.end_document()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "b.finalize()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def finish_writer(proc: subprocess.Popen) -> None:
+    proc.stdin.write("go\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    proc.stdout.close()
+
+
+def test_second_writer_of_a_prefix_is_refused(tmp_path):
+    prefix = build(str(tmp_path / "ds"), DOCS)
+    first = start_writer(prefix, [[[11, 12, 99]]])
+    try:
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(IndexedDatasetError) as info:
+            MMapIndexedDatasetBuilder(prefix)
+        message = str(info.value)
+        assert prefix in message and f"PID {first.pid}" in message, message
+        assert "\n" not in message
+        assert sorted(os.listdir(tmp_path)) == before  # the refused writer touched nothing
+    finally:
+        finish_writer(first)
+    assert_docs(MMapIndexedDataset(prefix), [[[11, 12, 99]]])
+    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]  # lock file removed too
+
+
+def test_stale_temporaries_removed_by_the_next_writer(tmp_path, capsys):
+    """Temporaries of a killed writer (any PID: the lock proves it is gone) are removed by the
+    next writer of the same prefix, and it says so; other prefixes' files are left alone."""
+    prefix = str(tmp_path / "ds")
+    stale = [f".ds.{os.getpid()}.0123abcd.bin.tmp", ".ds.999999.deadbeef.idx.tmp"]
+    others = [".ds.v2.17.deadbeef.bin.tmp", ".other.17.deadbeef.bin.tmp", ".ds.17.xyz.bin.tmp",
+              "ds.17.deadbeef.bin.tmp"]
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"\0" * 1000)
+    (tmp_path / ".ds.lock").write_text("999999 deadhost\n")  # left by a killed run
+    capsys.readouterr()
+    build(prefix, DOCS)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and prefix in err, err
+    assert all(name in err for name in stale) and "2 stale" in err, err
+    assert sorted(os.listdir(tmp_path)) == sorted(others + ["ds.bin", "ds.idx"])
+    build(prefix, DOCS)
+    assert capsys.readouterr().err == ""  # nothing stale the second time
+
+
+def test_killed_writer_leftovers_cleaned_by_next_writer(tmp_path, capsys):
+    prefix = str(tmp_path / "ds")
+    writer = start_writer(prefix, [[[1, 2, 3]]] * 100)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=30)
+    writer.stdin.close()
+    writer.stdout.close()
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    build(prefix, DOCS)
+    assert "stale" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]
+
+
+def test_output_written_by_another_program_meanwhile_is_not_replaced(tmp_path):
+    prefix = str(tmp_path / "ds")
+    builder = MMapIndexedDatasetBuilder(prefix)
+    builder.add_item([1, 2, 3])
+    builder.end_document()
+    other = build(str(tmp_path / "other"), DOCS)
+    for ext in (".bin", ".idx"):  # "someone else" writes the final names without our tool
+        os.link(other + ext, prefix + ext)
+    with pytest.raises(IndexedDatasetError, match="while this run was writing") as info:
+        builder.finalize()
+    assert prefix in str(info.value)
+    assert_docs(MMapIndexedDataset(prefix), DOCS)
+    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx", "other.bin", "other.idx"]
+
+
+def test_filesystem_without_locks_writes_unlocked_and_keeps_temporaries(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Where flock fails (some network filesystems) the builder still works, says that it
+    cannot lock, and removes no temporaries: without the lock it cannot know they are stale."""
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    other = tmp_path / ".ds.17.deadbeef.bin.tmp"
+    other.write_bytes(b"\0")
+    build(str(tmp_path / "ds"), DOCS)
+    err = capsys.readouterr().err
+    assert "cannot lock" in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == [other.name, "ds.bin", "ds.idx"]
+
+
+class FailingFile:
+    """A data file on a full disk: every flush (and so close) raises ENOSPC."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def write(self, data):
+        return len(data)
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fileno(self):
+        return self._real.fileno()
+
+    @property
+    def closed(self):
+        return self._real.closed
+
+    def close(self):
+        self._real.close()
+        self.flush()
+
+
+@pytest.mark.parametrize("how", ["finalize", "with", "abort"])
+def test_abort_unlinks_temporaries_when_close_fails(tmp_path, how):
+    builder = MMapIndexedDatasetBuilder(str(tmp_path / "ds"))
+    builder._data_file = FailingFile(builder._data_file)
+    builder.add_item([1, 2, 3])
+    builder.end_document()
+    if how == "finalize":
+        with pytest.raises(OSError) as info:
+            builder.finalize()
+        assert info.value.errno == errno.ENOSPC  # the first error, not one from the cleanup
+    elif how == "with":
+        with pytest.raises(RuntimeError, match="boom"):
+            with builder:
+                raise RuntimeError("boom")
+    else:
+        builder.abort()
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------- legacy EOD-less layout

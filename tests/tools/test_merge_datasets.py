@@ -1,5 +1,6 @@
 """tools/merge_datasets.py as a script: directory and prefix inputs, skips, errors, atomicity."""
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,69 @@ def test_merge_missing_input(tmp_path):
     result = run_merge("--input", tmp_path / "nope", "--output-prefix", tmp_path / "out")
     assert result.returncode == 1 and str(tmp_path / "nope") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_merge_lists_every_input_and_records_them(tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    a, b = build(str(src / "a"), A), build(str(src / "b"), B)
+    result = run_merge("--input", src, "--output-prefix", tmp_path / "all")
+    assert result.returncode == 0, result.stderr
+    assert f"{a}: 1 documents, 2 sequences, 5 tokens" in result.stdout
+    assert f"{b}: 3 documents, 2 sequences, 5 tokens" in result.stdout
+    record = json.loads((tmp_path / "all.merge.json").read_text())
+    assert [Path(i["prefix"]).name for i in record["inputs"]] == ["a", "b"]
+    assert record["output"]["documents"] == 4
+
+
+def test_merge_refuses_an_earlier_merge_of_its_other_inputs(tmp_path):
+    """DIR holding its shards and an earlier merge of them: every document would count twice."""
+    src = tmp_path / "shards"
+    src.mkdir()
+    build(str(src / "a"), A)
+    build(str(src / "b"), B)
+    first = run_merge("--input", src, "--output-prefix", src / "all")
+    assert first.returncode == 0, first.stderr
+    again = run_merge("--input", src, "--output-prefix", src / "all")  # the same command twice
+    assert again.returncode == 0, again.stderr
+    assert f"skipping {src / 'all'}: the output of this merge" in again.stderr
+    assert file_bytes(str(src / "all")) == reference_files(A + B)
+    result = run_merge("--input", src, "--output-prefix", tmp_path / "other")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(src / "all") in lines[-1] and f"--exclude {src / 'all'}" in lines[-1], lines
+    assert not any(n.startswith("other") for n in os.listdir(tmp_path))
+    result = run_merge("--input", src, "--exclude", src / "all", "--output-prefix",
+                       tmp_path / "other")
+    assert result.returncode == 0, result.stderr
+    assert file_bytes(str(tmp_path / "other")) == reference_files(A + B)
+    result = run_merge("--input", src, "--exclude", src / "nope", "--output-prefix",
+                       tmp_path / "other2")
+    assert result.returncode == 1 and "--exclude" in result.stderr.splitlines()[-1]
+
+
+def test_merge_refuses_a_dataset_the_size_of_all_others_without_record(tmp_path):
+    """A merge written by another tool (no record): same documents, sequences and tokens as
+    all the other inputs together."""
+    src = tmp_path / "shards"
+    src.mkdir()
+    build(str(src / "a"), A)
+    build(str(src / "b"), B)
+    build(str(src / "c"), C)
+    build(str(src / "merged"), A + B + C)
+    result = run_merge("--input", src, "--output-prefix", tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert str(src / "merged") in last and "--exclude" in last, last
+
+
+def test_merge_ignores_hidden_files_of_running_or_killed_writers(tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    build(str(src / "a"), A)
+    (src / ".b.123.deadbeef.bin.tmp").write_bytes(b"\0\0")
+    (src / ".b.lock").write_text("123 host\n")
+    result = run_merge("--input", src, "--output-prefix", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert file_bytes(str(tmp_path / "out")) == reference_files(A)

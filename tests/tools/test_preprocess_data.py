@@ -468,6 +468,43 @@ def test_usage_errors_are_one_line(tmp_path, tiny_vocab, tool_main, capsys):
     assert no_outputs(tmp_path, "o")
 
 
+def test_concurrent_writer_of_an_output_prefix_is_refused(tmp_path, tiny_vocab):
+    """Another live writer holds the second key's prefix: one line naming it and its PID,
+    nothing left for the first key, and the other writer's output intact."""
+    from tests.data.test_indexed_dataset import finish_writer, start_writer
+    vocab, merges, _ = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": DOCS[0], "title": DOCS[2]}])
+    held = f"{tmp_path}/o_title_document"
+    other = start_writer(held, [[[5, 6, 7]]])
+    try:
+        proc = run_tool(tmp_path, *tool_args(vocab, merges, inp, tmp_path / "o",
+                                             "--json-keys", "text", "title"))
+        msg = one_line_error(proc)
+        assert held in msg and f"PID {other.pid}" in msg, msg
+        assert no_outputs(tmp_path, "o_text_document")
+    finally:
+        finish_writer(other)
+    assert MMapIndexedDataset(held)[0].tolist() == [5, 6, 7]
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "o_title_document.bin",
+                                            "o_title_document.idx"]
+
+
+def test_ctrl_c_releases_every_output_prefix(tmp_path, tiny_vocab, tool_main, capsys,
+                                             monkeypatch):
+    from megatron.data.preprocess import pipeline
+    vocab, merges, _ = tiny_vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": DOCS[0], "title": DOCS[2]}])
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_documents", interrupted)
+    proc = call_main(tool_main, capsys, *tool_args(vocab, merges, inp, tmp_path / "o",
+                                                   "--json-keys", "text", "title"))
+    assert proc.returncode == 130 and "interrupted" in proc.stderr
+    assert os.listdir(tmp_path) == ["in.jsonl"]  # no temporaries, no lock files
+
+
 # --------------------------------------------------------------------------- environment
 
 def test_does_not_import_torch(tmp_path, tiny_vocab):

@@ -4,6 +4,8 @@ Chunks of whole lines go to a process pool with a bounded window of tasks in fli
 like `Pool.imap`, but without reading the whole input ahead into memory); results come back in
 input order, so the output never depends on --workers. Every builder writes under temporary
 names and is aborted on any failure, so a failed run leaves no file under the final names.
+Each builder also locks its output prefix for the whole run (`megatron.data.prefix_lock`): a
+second run writing the same --output-prefix stops at once, naming the first one's PID.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ TASKS_IN_FLIGHT_PER_WORKER = 3
 
 def run(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> RunStats:
     """Tokenize every input line of `cfg.input` into `<prefix>_<key>_<level>.bin/.idx` per key."""
-    from megatron.data.indexed_dataset import (MMapIndexedDatasetBuilder, data_file_path,
-                                               index_file_path)
+    from megatron.data.indexed_dataset import (IndexedDatasetError, MMapIndexedDatasetBuilder,
+                                               data_file_path, index_file_path)
 
     start = time.perf_counter()
     files = expand_inputs(cfg.input)
@@ -65,9 +67,11 @@ def run(cfg: PreprocessConfig, log: TextIO = sys.stderr) -> RunStats:
                 progress.update(stats)
         for builder in builders.values():
             builder.finalize()
-    except BaseException:
+    except BaseException as e:
         for builder in builders.values():
-            builder.abort()
+            builder.abort()   # also releases every output prefix's lock
+        if isinstance(e, IndexedDatasetError):   # another writer of an output prefix
+            raise PreprocessError(str(e)) from None
         raise
     for key in cfg.json_keys:
         prefix = cfg.output_prefix_for(key)
