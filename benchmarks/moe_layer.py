@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -287,6 +286,7 @@ def capacity_padded_forward(layer: MoELayer, x_TD: torch.Tensor, capacity: int,
     (a), per_expert_loop: DeepSpeed's `Experts` module, the original algorithm's compute: the
     buffer is chunked by expert and each expert's Linear-GeLU-Linear runs in a Python loop
     (E small GEMM pairs), outputs concatenated. (a'): one batched bmm over [E, C, D] instead.
+    The GeLU is the layer's (layer.experts.activation_fn: Megatron's tanh form by default).
     Both gather the buffer (Megatron-DeepSpeed's dense [T, E, C] einsum costs more still).
     """
     ex = layer.experts
@@ -297,11 +297,12 @@ def capacity_padded_forward(layer: MoELayer, x_TD: torch.Tensor, capacity: int,
         outs = []
         for e, x_CD in enumerate(x_ECD.chunk(E, dim=0)):
             h = x_CD[0] @ ex.w1[e] + ex.b1[e]
-            outs.append(F.gelu(h) @ ex.w2[e] + ex.b2[e])
+            outs.append(ex.activation_fn(h) @ ex.w2[e] + ex.b2[e])
         y_PD = torch.cat(outs)
     else:
         h = torch.bmm(x_ECD, ex.w1) + ex.b1[:, None, :]
-        y_PD = (torch.bmm(F.gelu(h), ex.w2) + ex.b2[:, None, :]).reshape(E * capacity, -1)
+        y_PD = (torch.bmm(ex.activation_fn(h), ex.w2)
+                + ex.b2[:, None, :]).reshape(E * capacity, -1)
     contrib = weight_EC[:, None] * y_PD.float()
     out = contrib.new_zeros(x_TD.shape).index_add(0, token_EC, contrib)
     return out.to(x_TD.dtype)

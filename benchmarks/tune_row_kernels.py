@@ -22,7 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron.config import DEFAULT_ACTIVATION  # noqa: E402
 from megatron.model.moe import kernels as K  # noqa: E402
+from megatron.model.moe.gelu_triton import act_code  # noqa: E402
 
 T, D, F, E = 16384, 768, 384, 64
 
@@ -92,13 +94,15 @@ def main() -> None:
     def expert_grid(per_sm: int) -> tuple:
         return (E, -(-sms * per_sm // E))
 
+    act = act_code(DEFAULT_ACTIVATION)         # the layer's default GeLU form
     for backward in (False, True):
         out, results = torch.empty_like(h), []
         for rows, cols, warps, per_sm in itertools.product([4, 8, 16, 32], [64, 128], [4, 8],
                                                            [4, 8, 16]):
             results.append((kernel_us(lambda: K._gelu_kernel[(sms * per_sm,)](
-                gh, h, b1, offs, out, E, F=F, HAS_BIAS=True, BACKWARD=backward, ROWS=rows,
-                COLS=cols, BLOCK_E=64, num_warps=warps)), rows, cols, warps, per_sm))
+                gh, h, b1, offs, out, E, F=F, HAS_BIAS=True, BACKWARD=backward, ACT=act,
+                ROWS=rows, COLS=cols, BLOCK_E=64, num_warps=warps)), rows, cols, warps,
+                per_sm))
         current = kernel_us(lambda: K.gelu_backward_rows(gh, h, b1, offs) if backward
                             else K.gelu_rows(h, b1, offs))
         report("gelu_backward" if backward else "gelu", current, results,

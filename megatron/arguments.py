@@ -24,6 +24,8 @@ Decisions (see each flag's help):
   ZeRO stage 3, DeepSpeed curriculum learning.
 - --moe-expert-parallel-size N (the fork accepted it and kept every expert on every rank): each
   MoE layer's experts are split E / N per rank over DeepSpeed's expert-parallel groups.
+- GeLU (dense MLPs and experts alike): Megatron's default fused bias + tanh GeLU;
+  --no-bias-gelu-fusion, --openai-gelu and --onnx-safe as in Megatron (run_config.gelu_form).
 """
 
 from __future__ import annotations
@@ -80,6 +82,24 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-ffn-heads", type=int, default=1,
                    help="XMoE fork: split tokens into this many heads routed separately; "
                         "only 1 is supported.")
+    # GeLU of every dense MLP and expert, as Megatron picks it (run_config.gelu_form).
+    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
+                   help="Exact erf GeLU instead of Megatron's default fused bias + tanh GeLU.")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="OpenAI's tanh GeLU (the default's formula); wins over --onnx-safe.")
+    g.add_argument("--onnx-safe", type=_true_or_false, nargs="?", const=True, default=False,
+                   metavar="BOOL",
+                   help="Megatron's erf_gelu (erf(x / 1.41421)), unless --openai-gelu. Takes "
+                        "true / false as Megatron's `--onnx-safe True` (bare: true; Megatron "
+                        "read any non-empty value, even False, as true).")
+
+
+def _true_or_false(value: str) -> bool:
+    """A boolean flag value: true/false, 1/0, yes/no (any case)."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if value.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return words[value.lower()]
 
 
 def _add_moe_args(parser: argparse.ArgumentParser) -> None:

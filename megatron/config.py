@@ -18,6 +18,10 @@ ROUTERS = ("threshold", "topk", "switch", "hash")
 MOE_KERNELS = ("auto", "triton", "torch")   # --moe-kernels (see megatron/model/moe/fused.py)
 EXPERT_GEMMS = ("auto", "fused", "grouped_mm")   # --moe-expert-gemm (Triton kernels only)
 PARAMS_DTYPES = ("fp32", "fp16", "bf16")
+# GeLU forms of the dense MLPs and experts (megatron/model/activations.py), chosen from Megatron's
+# --no-bias-gelu-fusion / --openai-gelu / --onnx-safe by megatron.run_config.gelu_form.
+ACTIVATIONS = ("gelu_tanh", "gelu", "gelu_erf_onnx")
+DEFAULT_ACTIVATION = "gelu_tanh"     # Megatron's default: fused bias + tanh GeLU
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 DISTRIBUTED_BACKENDS = ("nccl", "gloo")
 
@@ -129,6 +133,9 @@ class GPTConfig:
     no_moe_layer_num: int = 0                       # --no-moe-layer-num
     moe: MoEConfig = field(default_factory=MoEConfig)
     checkpoint_activations: bool = False            # --checkpoint-activations
+    # GeLU of every dense MLP and expert (the XMoE fork's experts are copies of its ParallelMLP):
+    # see run_config.gelu_form for how the flags choose it.
+    activation: str = DEFAULT_ACTIVATION
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -156,6 +163,10 @@ class GPTConfig:
                             ("--attention-dropout", self.attention_dropout)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1), got {value}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} (chosen by "
+                             "--no-bias-gelu-fusion, --openai-gelu, --onnx-safe), got "
+                             f"{self.activation!r}")
 
     def moe_layer_numbers_if_sparse(self) -> Tuple[int, ...]:
         """1-based layers L with L > no_moe_layer_num and (L - no_moe_layer_num) % interval == 0."""

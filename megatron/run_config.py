@@ -50,6 +50,26 @@ def build_configs(args: argparse.Namespace, padded_vocab_size: int) -> RunConfig
                      checkpoint=_checkpoint_config(args))
 
 
+def gelu_form(bias_gelu_fusion: bool, openai_gelu: bool, onnx_safe: bool) -> str:
+    """The GeLU form (megatron.config.ACTIVATIONS) Megatron-DeepSpeed's ParallelMLP picks, in
+    its order (the XMoE fork's ParallelMLP; its experts are deep copies of one, so every dense
+    MLP and expert of the model uses the same form):
+
+        --openai-gelu                       -> gelu_tanh      (openai_gelu)
+        else --onnx-safe                    -> gelu_erf_onnx  (erf_gelu, x / 1.41421)
+        else bias-gelu fusion (the default) -> gelu_tanh      (bias_gelu_impl: tanh, fused)
+        else (--no-bias-gelu-fusion)        -> gelu           (F.gelu, exact erf)
+
+    (Older Megatron versions tested the fusion first, so there --openai-gelu and --onnx-safe
+    mattered only with --no-bias-gelu-fusion; the fork's Megatron-DeepSpeed has the order above.)
+    """
+    if openai_gelu:
+        return "gelu_tanh"
+    if onnx_safe:
+        return "gelu_erf_onnx"
+    return "gelu_tanh" if bias_gelu_fusion else "gelu"
+
+
 def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig:
     ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     moe = MoEConfig(
@@ -77,7 +97,8 @@ def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig
         params_dtype="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
         num_experts=tuple(args.num_experts), expert_interval=args.expert_interval,
         no_moe_layer_num=args.no_moe_layer_num, moe=moe,
-        checkpoint_activations=args.checkpoint_activations)
+        checkpoint_activations=args.checkpoint_activations,
+        activation=gelu_form(args.bias_gelu_fusion, args.openai_gelu, args.onnx_safe))
 
 
 def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:

@@ -35,7 +35,8 @@ class TransformerOutput(NamedTuple):
 
 
 def build_ffn(config: GPTConfig, layer_number: int) -> nn.Module:
-    """The dense MLP, or an MoE layer when layer `layer_number` (1-based) has > 1 experts."""
+    """The dense MLP, or an MoE layer when layer `layer_number` (1-based) has > 1 experts; both
+    with config.activation (the XMoE fork's experts are copies of its dense ParallelMLP)."""
     dtype = torch_dtype(config.params_dtype)
     output_std = scaled_init_std(config.init_method_std, config.num_layers)
     num_experts = config.experts_for_layer(layer_number)
@@ -43,9 +44,10 @@ def build_ffn(config: GPTConfig, layer_number: int) -> nn.Module:
         return MoELayer(config.moe, config.hidden_size, num_experts,
                         init_std=config.init_method_std, output_init_std=output_std,
                         layer_number=layer_number,
-                        dense_ffn_hidden_size=config.ffn_hidden_size, params_dtype=dtype)
+                        dense_ffn_hidden_size=config.ffn_hidden_size, params_dtype=dtype,
+                        activation=config.activation)
     return MLP(config.hidden_size, config.ffn_hidden_size, config.init_method_std, output_std,
-               params_dtype=dtype)
+               params_dtype=dtype, activation=config.activation)
 
 
 class TransformerLayer(nn.Module):

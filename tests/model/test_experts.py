@@ -1,10 +1,11 @@
-"""Experts (stacked weights): loop and grouped paths vs a per-row fp32 reference, padding rows."""
+"""Experts (stacked weights): loop and grouped paths vs a per-row fp32 reference, padding rows,
+every GeLU form (gelu_reference.py)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron.model.moe.experts import Experts, grouped_mm_available
+from tests.model.gelu_reference import FORMS, ref_gelu
 
 
 def _cpu_grouped_works(dtype: torch.dtype) -> bool:
@@ -30,10 +31,10 @@ E, D, FH = 5, 16, 8
 SIZES = (0, 3, 0, 7, 0)
 
 
-def _experts(impl: str, bias: bool = True, dtype=torch.float32) -> Experts:
+def _experts(impl: str, bias: bool = True, dtype=torch.float32, **kw) -> Experts:
     torch.manual_seed(0)
     ex = Experts(E, D, FH, init_std=0.3, output_init_std=0.2, bias=bias, impl=impl,
-                 params_dtype=dtype)
+                 params_dtype=dtype, **kw)
     if bias:  # non-zero biases so the test sees them (init is 0)
         with torch.no_grad():
             ex.b1.normal_(0, 0.1)
@@ -46,14 +47,15 @@ def _offsets(sizes=SIZES) -> torch.Tensor:
 
 
 def _reference(ex: Experts, x_PD: torch.Tensor, sizes=SIZES) -> torch.Tensor:
-    """Per row: find its expert by walking the sizes, then Linear-GeLU-Linear in fp32."""
+    """Per row: find its expert by walking the sizes, then Linear-GeLU-Linear in fp32 (the
+    experts' GeLU form, written out in gelu_reference.py)."""
     rows = []
     experts_of_rows = [e for e, n in enumerate(sizes) for _ in range(n)]
     for p, e in enumerate(experts_of_rows):
         h = x_PD[p].float() @ ex.w1[e].float()
         if ex.b1 is not None:
             h = h + ex.b1[e].float()
-        y = F.gelu(h) @ ex.w2[e].float()
+        y = ref_gelu(h, ex.activation) @ ex.w2[e].float()
         if ex.b2 is not None:
             y = y + ex.b2[e].float()
         rows.append(y)
@@ -90,17 +92,32 @@ def _check_against_reference(ex: Experts, padding: int, atol: float, rtol: float
             assert torch.all(got[1][e] == 0)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("padding", [0, 6])
-def test_loop_path_matches_reference(bias, padding):
-    _check_against_reference(_experts("loop", bias), padding, atol=1e-5)
+def test_loop_path_matches_reference(bias, padding, form):
+    _check_against_reference(_experts("loop", bias, activation=form), padding, atol=1e-5)
 
 
 @needs_grouped_fp32
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("padding", [0, 6])
-def test_grouped_path_matches_reference_fp32_cpu(bias, padding):
-    _check_against_reference(_experts("grouped", bias), padding, atol=1e-5)
+def test_grouped_path_matches_reference_fp32_cpu(bias, padding, form):
+    _check_against_reference(_experts("grouped", bias, activation=form), padding, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["loop"] + (["grouped"] if GROUPED_FP32_CPU else []))
+def test_default_form_is_megatrons_tanh_and_forms_differ(impl):
+    """Experts default to the original's fused tanh GeLU; each form changes the output."""
+    assert _experts(impl).activation == "gelu_tanh"
+    x = torch.randn(sum(SIZES), D)
+    outs = {form: _experts(impl, activation=form)(x, _offsets()) for form in FORMS}
+    torch.testing.assert_close(outs["gelu_tanh"], _experts(impl)(x, _offsets()))
+    for form in FORMS:
+        torch.testing.assert_close(outs[form], _reference(_experts(impl, activation=form), x),
+                                   atol=1e-5, rtol=1e-5)
+    assert float((outs["gelu_tanh"] - outs["gelu"]).abs().max()) > 1e-5
 
 
 @pytest.mark.skipif(not GROUPED_BF16_CPU, reason="torch._grouped_mm does not run bf16 on CPU")

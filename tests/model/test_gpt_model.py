@@ -13,6 +13,7 @@ import torch
 
 from megatron.config import GPTConfig, MoEConfig
 from megatron.model import GPTModel, validate_inputs
+from tests.model.gelu_reference import FORMS, ref_gelu
 
 Params = Dict[str, torch.Tensor]
 
@@ -48,12 +49,9 @@ def ref_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float)
     return (x - mean) / torch.sqrt(var + eps) * w + b
 
 
-def ref_gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def ref_mlp(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-    return ref_gelu(x @ w1.T + b1) @ w2.T + b2
+def ref_mlp(x: torch.Tensor, w1, b1, w2, b2, form: str) -> torch.Tensor:
+    """Megatron's MLP with GeLU form `form` (gelu_reference.py)."""
+    return ref_gelu(x @ w1.T + b1, form) @ w2.T + b2
 
 
 def ref_attention(x_SH: torch.Tensor, p: Params, prefix: str, N: int) -> torch.Tensor:
@@ -97,7 +95,8 @@ def ref_gpt(config: GPTConfig, p: Params, ids: torch.Tensor, labels: Optional[to
             x = x + moe_ref(L, h.reshape(B * S, -1), ids.reshape(-1), p).view_as(x)
         else:
             x = x + ref_mlp(h, p[pre + "mlp.dense_h_to_4h.weight"], p[pre + "mlp.dense_h_to_4h.bias"],
-                            p[pre + "mlp.dense_4h_to_h.weight"], p[pre + "mlp.dense_4h_to_h.bias"])
+                            p[pre + "mlp.dense_4h_to_h.weight"], p[pre + "mlp.dense_4h_to_h.bias"],
+                            config.activation)
     x = ref_layernorm(x, p["transformer.final_layernorm.weight"],
                       p["transformer.final_layernorm.bias"], eps)
     logits = x @ emb.T  # tied output layer
@@ -112,10 +111,10 @@ def ref_gpt(config: GPTConfig, p: Params, ids: torch.Tensor, labels: Optional[to
     return loss
 
 
-def ref_expert(x_D: torch.Tensor, p: Params, prefix: str, e: int) -> torch.Tensor:
+def ref_expert(x_D: torch.Tensor, p: Params, prefix: str, e: int, form: str) -> torch.Tensor:
     """Expert e of an MoE layer: stacked weights w1 [E, D, F], w2 [E, F, D] (x @ w, not w.T)."""
     h = x_D @ p[prefix + "w1"][e] + p[prefix + "b1"][e]
-    return ref_gelu(h) @ p[prefix + "w2"][e] + p[prefix + "b2"][e]
+    return ref_gelu(h, form) @ p[prefix + "w2"][e] + p[prefix + "b2"][e]
 
 
 def make_moe_ref(model: GPTModel, config: GPTConfig) -> MoERef:
@@ -138,7 +137,8 @@ def make_moe_ref(model: GPTModel, config: GPTConfig) -> MoERef:
                 if decision.kept_TK[t, k]:
                     e = int(decision.experts_TK[t, k])
                     weight = 1.0 if config.moe.router == "hash" else probs[e]
-                    y = y + weight * ref_expert(x_TD[t], p, pre + "experts.", e)
+                    y = y + weight * ref_expert(x_TD[t], p, pre + "experts.", e,
+                                                config.activation)
             rows.append(y)
         return torch.stack(rows)
 
@@ -175,9 +175,21 @@ def compare_with_reference(config: GPTConfig, train: bool = True) -> GPTModel:
 
 
 # ---------------------------------------------------------------- dense model
-def test_dense_model_matches_reference():
-    model = compare_with_reference(tiny_config())
+@pytest.mark.parametrize("form", FORMS)
+def test_dense_model_matches_reference(form):
+    model = compare_with_reference(tiny_config(activation=form))
     assert all(not layer.is_moe for layer in model.transformer.layers)
+
+
+def test_default_model_uses_megatrons_tanh_gelu_everywhere():
+    """Dense MLPs and experts default to the original's fused tanh GeLU (GPT-2's too)."""
+    config = moe_config()
+    assert config.activation == "gelu_tanh"
+    compare_with_reference(config, train=False)
+    model = GPTModel(moe_config(activation="gelu"))
+    forms = [layer.mlp.experts.activation if layer.is_moe else layer.mlp.activation
+             for layer in model.transformer.layers]
+    assert forms == ["gelu"] * 4
 
 
 MOE_ROUTERS = {
@@ -190,10 +202,12 @@ MOE_ROUTERS = {
 }
 
 
-@pytest.mark.parametrize("router", list(MOE_ROUTERS))
-def test_moe_model_matches_reference(router):
+@pytest.mark.parametrize("router,form", [(r, "gelu_tanh") for r in MOE_ROUTERS]
+                         + [("threshold", "gelu"), ("threshold", "gelu_erf_onnx")])
+def test_moe_model_matches_reference(router, form):
     moe_kw, train = MOE_ROUTERS[router]
-    config = moe_config(moe=MoEConfig(ffn_hidden_size=8, aux_loss_coeff=0.01, **moe_kw))
+    config = moe_config(moe=MoEConfig(ffn_hidden_size=8, aux_loss_coeff=0.01, **moe_kw),
+                        activation=form)
     model = compare_with_reference(config, train=train)
     assert [layer.num_experts for layer in model.transformer.layers] == [1, 4, 1, 3]
     stats = model(batch(config)[0]).moe_stats

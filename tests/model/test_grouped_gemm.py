@@ -6,11 +6,10 @@ row tiles, column tiles and reduction steps; on CUDA they run compiled in bf16 w
 settings the layer uses, at the benchmark's widths, against fp64 references.
 """
 
-import math
-
 import pytest
 import torch
 
+from tests.model.gelu_reference import FORMS, REFERENCE
 from tests.model.triton_kernels import (CUDA, CUDA_OR_INTERPRETER, DEVICE, NEEDS_TRITON,
                                         kernel_module)
 
@@ -34,18 +33,20 @@ def problem(counts, T=30, K=40, N=36, pad=9, seed=0):
     return offs.to(DEVICE), idx.to(DEVICE), expert, n
 
 
-def gelu_parts(z):
-    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-    return z * cdf, cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+def gelu_parts(z, form="gelu_tanh"):
+    """(gelu(z), gelu'(z)) of the form (gelu_reference.py)."""
+    value, derivative = REFERENCE[form]
+    return value(z), derivative(z)
 
 
 COUNTS = [7, 0, 20, 3, 33]      # an empty expert, groups shorter and longer than a tile
 
 
 @pytest.mark.skipif(CUDA, reason="fp32 loops: the interpreter path")
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gelu_epilogue_matches_loop(gg, gather, bias):
+def test_gelu_epilogue_matches_loop(gg, gather, bias, form):
     offs, idx, expert, n = problem(COUNTS)
     P, E = idx.shape[0], len(COUNTS)
     x = torch.randn(30 if gather else P, 40)
@@ -53,12 +54,13 @@ def test_gelu_epilogue_matches_loop(gg, gather, bias):
     b = torch.randn(E, 36) if bias else None
     s = torch.rand(P)
     a, z = gg.row_gemm(x, w, offs, P, idx_P=idx if gather else None, epilogue=gg.EPI_GELU,
-                       bias_EN=b, scale_P=s, blocks=SMALL_ROWS)
+                       bias_EN=b, scale_P=s, blocks=SMALL_ROWS, activation=form)
     for p in range(n):
         e = expert[p]
         zp = x[idx[p] if gather else p] @ w[e] + (b[e] if bias else 0.0)
         torch.testing.assert_close(z[p], zp, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a[p], s[p] * gelu_parts(zp)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a[p], s[p] * gelu_parts(z[p], form)[0], atol=1e-6,
+                                   rtol=1e-6)
 
 
 @pytest.mark.skipif(CUDA, reason="fp32 loops: the interpreter path")
@@ -77,8 +79,9 @@ def test_plain_epilogue_with_transposed_weight_matches_loop(gg):
 
 
 @pytest.mark.skipif(CUDA, reason="fp32 loops: the interpreter path")
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("vec", [True, False])
-def test_gelu_grad_epilogue_matches_loop(gg, vec):
+def test_gelu_grad_epilogue_matches_loop(gg, vec, form):
     offs, idx, expert, n = problem(COUNTS)
     P, E = idx.shape[0], len(COUNTS)
     g = torch.randn(30, 40)
@@ -87,11 +90,11 @@ def test_gelu_grad_epilogue_matches_loop(gg, vec):
     s = torch.rand(P)
     v = torch.randn(30, E) if vec else None
     dz, parts = gg.row_gemm(g, w, offs, P, idx_P=idx, epilogue=gg.EPI_GELU_GRAD, aux_PN=z,
-                            scale_P=s, vec_TE=v, blocks=SMALL_ROWS)
+                            scale_P=s, vec_TE=v, blocks=SMALL_ROWS, activation=form)
     assert parts.shape == (P, 3) and bool((parts[n:] == 0).all())
     for p in range(n):
         u = g[idx[p]] @ w[expert[p]]
-        gelu, grad = gelu_parts(z[p])
+        gelu, grad = gelu_parts(z[p], form)
         torch.testing.assert_close(dz[p], s[p] * u * grad, atol=1e-5, rtol=1e-5)
         want = (u * gelu).sum() + (v[idx[p], expert[p]] if vec else 0.0)
         torch.testing.assert_close(parts[p].sum(), want, atol=1e-4, rtol=1e-5)
@@ -130,7 +133,8 @@ def test_default_settings_match_small_tiles(gg):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_bf16_at_layer_widths_matches_fp64(gg):
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_bf16_at_layer_widths_matches_fp64(gg, form):
     """bf16 with the layer's launch settings (D = 768, F = 384: several tiles and reduction
     steps per expert) against fp64 on the same bf16 inputs; memory pre-filled with NaN."""
     torch.cuda.empty_cache()
@@ -155,16 +159,17 @@ def test_cuda_bf16_at_layer_widths_matches_fp64(gg):
         err = (got[:n].to(f64) - want).abs().max() / want.abs().max()
         assert float(err) < tol, (what, float(err))
 
-    a, z = gg.row_gemm(x, w1, offs, P, idx_P=idx, epilogue=gg.EPI_GELU, bias_EN=b1, scale_P=s)
+    a, z = gg.row_gemm(x, w1, offs, P, idx_P=idx, epilogue=gg.EPI_GELU, bias_EN=b1, scale_P=s,
+                       activation=form)
     z_ref = torch.einsum("pd,pdf->pf", xi, w1.to(f64)[rows_of]) + b1.to(f64)[rows_of]
     check(z, z_ref, "z")
-    check(a, s[:n, None].to(f64) * torch.nn.functional.gelu(z[:n].to(f64)), "a")
+    check(a, s[:n, None].to(f64) * gelu_parts(z[:n].to(f64), form)[0], "a")
     y = gg.row_gemm(a, w2, offs, P)
     check(y, torch.einsum("pf,pfd->pd", a[:n].to(f64), w2.to(f64)[rows_of]), "y")
     dz, parts = gg.row_gemm(g, w2.transpose(1, 2), offs, P, idx_P=idx,
-                            epilogue=gg.EPI_GELU_GRAD, aux_PN=z, scale_P=s)
+                            epilogue=gg.EPI_GELU_GRAD, aux_PN=z, scale_P=s, activation=form)
     u = torch.einsum("pd,pfd->pf", gi, w2.to(f64)[rows_of])
-    gelu, grad = gelu_parts(z[:n].to(f64))
+    gelu, grad = gelu_parts(z[:n].to(f64), form)
     check(dz, s[:n, None].to(f64) * u * grad, "dz")
     check(parts.sum(1)[:n, None], (u * gelu).sum(1, keepdim=True), "parts", 2 ** -12)
     dx = gg.row_gemm(dz, w1.transpose(1, 2), offs, P)

@@ -8,9 +8,9 @@ torch-ops path and float64. Skipped when triton is not installed.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron.model.moe.fused import triton_available
+from tests.model.gelu_reference import FORMS, REFERENCE
 from tests.model.test_moe_layer import (_grouped_cpu_ok, inputs, make_layer, params,
                                         run_and_compare)
 from tests.model.triton_kernels import CUDA, CUDA_OR_INTERPRETER, DEVICE, kernel_module
@@ -54,18 +54,42 @@ def expert_rows(off: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.tensor(out, device=DEVICE)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_gelu_rows_and_backward_match_torch(kernels, bias):
+def test_gelu_rows_and_backward_match_torch(kernels, bias, form):
+    """fp32 kernels against the form's formula and its derivative (gelu_reference.py) in
+    fp64, so the reference adds no rounding of its own."""
     off = torch.tensor([2, 2, 7, 9], dtype=torch.int32, device=DEVICE)   # an empty expert
-    h = (3 * torch.randn(11, 6, device=DEVICE)).requires_grad_(True)
+    h = 3 * torch.randn(11, 6, device=DEVICE)
     b1 = torch.randn(4, 6, device=DEVICE) if bias else None
-    z = h[:9] + (b1[expert_rows(off, 9)] if bias else 0.0)
-    a = kernels.gelu_rows(h.detach(), b1, off)
-    torch.testing.assert_close(a[:9], F.gelu(z.detach()), atol=1e-6, rtol=1e-6)
+    z = (h[:9] + (b1[expert_rows(off, 9)] if bias else 0.0)).double()
+    value, derivative = REFERENCE[form]
+    a = kernels.gelu_rows(h, b1, off, form)
+    torch.testing.assert_close(a[:9].double(), value(z), atol=1e-6, rtol=1e-6)
     g = torch.randn(11, 6, device=DEVICE)
-    want, = torch.autograd.grad(F.gelu(z), h, g[:9])
-    got = kernels.gelu_backward_rows(g, h.detach(), b1, off)
-    torch.testing.assert_close(got[:9], want[:9], atol=1e-6, rtol=1e-6)
+    got = kernels.gelu_backward_rows(g, h, b1, off, form)
+    torch.testing.assert_close(got[:9].double(), g[:9].double() * derivative(z), atol=1e-6,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gelu_rows_saturate_at_large_inputs(kernels, form):
+    """Large |z| (tanh from exp: exp overflows to inf there): gelu -> z or -0, gelu' -> 1 or 0,
+    no NaN; elsewhere the fp32 kernel stays within 1e-6 of the fp64 formula."""
+    z = torch.tensor([-1e30, -1e10, -1e4, -300.0, -40.0, -12.0, -5.0, -1e-3, 0.0, 1e-3, 5.0,
+                      12.0, 40.0, 300.0, 1e4, 1e10, 1e30], device=DEVICE)
+    h = z.repeat(3, 1)                                     # 3 rows x 17 columns, one expert
+    off = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    a = kernels.gelu_rows(h, None, off, form)[0].double()
+    d = kernels.gelu_backward_rows(torch.ones_like(h), h, None, off, form)[0].double()
+    assert bool(torch.isfinite(a).all() and torch.isfinite(d).all()), (a, d)
+    big = z.abs() >= 40
+    torch.testing.assert_close(a[big], torch.where(z[big] > 0, z[big], 0.0).double())
+    torch.testing.assert_close(d[big], (z[big] > 0).double())
+    value, derivative = REFERENCE[form]
+    zd = z[~big].double()
+    torch.testing.assert_close(a[~big], value(zd), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(d[~big], derivative(zd), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -180,6 +204,15 @@ def test_fused_layer_matches_per_token_reference(kernels, router, drop_tokens, s
     run_and_compare(layer)
 
 
+@pytest.mark.skipif(CUDA, reason="fp32 per-token reference: the CPU interpreter path")
+@pytest.mark.parametrize("form", ["gelu", "gelu_erf_onnx"])    # (gelu_tanh: the test above)
+@pytest.mark.parametrize("gemm", ["fused", "grouped_mm"])
+def test_fused_layer_every_gelu_form_matches_reference(kernels, gemm, form):
+    layer = make_layer("threshold", True, False, impl="grouped", kernels="triton",
+                       expert_gemm=gemm, activation=form).eval()
+    run_and_compare(layer)
+
+
 @pytest.mark.skipif(CUDA, reason="fp32 bitwise comparison: the CPU interpreter path")
 @pytest.mark.parametrize("gemm", ["fused", "grouped_mm"])
 def test_fused_sync_free_equals_exact(kernels, gemm):
@@ -198,9 +231,10 @@ def test_fused_sync_free_equals_exact(kernels, gemm):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("gemm", ["grouped_mm", "fused"])
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free, gemm):
+def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free, gemm, form):
     """Triton kernels vs torch ops on the GPU, bf16 params, on memory pre-filled with NaN
     (rows the kernels skip must never leak into values or gradients)."""
     torch.cuda.empty_cache()
@@ -210,7 +244,7 @@ def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free, gemm):
     results = []
     for choice in ("torch", "triton"):
         layer = make_layer("threshold", True, sync_free, impl="auto", kernels=choice,
-                           expert_gemm=gemm).cuda()
+                           expert_gemm=gemm, activation=form).cuda()
         layer.experts.to(torch.bfloat16)
         xx = x.cuda().bfloat16().requires_grad_(True)
         out = layer(xx).output

@@ -34,11 +34,14 @@ def compile_for_sm90(fn, pointers, scalars, constexprs):
 
 def row_kernel_cases():
     from megatron.model.moe import kernels as k
+    from megatron.model.moe.gelu_triton import ACT_CODES
     for bias in (False, True):
         for backward in (False, True):
-            yield k._gelu_kernel, dict(grad_ptr=BF16, h_ptr=BF16, bias_ptr=BF16,
-                                       offsets_ptr=I32, out_ptr=BF16), dict(num_experts="i32"), \
-                dict(F=384, HAS_BIAS=bias, BACKWARD=backward, ROWS=16, COLS=128, BLOCK_E=64)
+            for act in ACT_CODES.values():            # every GeLU form
+                yield k._gelu_kernel, dict(grad_ptr=BF16, h_ptr=BF16, bias_ptr=BF16,
+                                           offsets_ptr=I32, out_ptr=BF16), \
+                    dict(num_experts="i32"), dict(F=384, HAS_BIAS=bias, BACKWARD=backward,
+                                                  ACT=act, ROWS=16, COLS=128, BLOCK_E=64)
         yield k._combine_backward_kernel, dict(
             grad_ptr=BF16, y_ptr=BF16, weight_ptr=F32, bias_ptr=BF16, token_ptr=I64,
             offsets_ptr=I32, grad_y_ptr=BF16, grad_w_ptr=F32, partial_ptr=F32), {}, \
@@ -86,6 +89,7 @@ def capacity_kernel_cases():
 def grouped_gemm_cases():
     """(kernel, pointers, scalars, constexprs, written) as the fused layer launches them."""
     from megatron.model.moe import grouped_gemm as gg
+    from megatron.model.moe.gelu_triton import ACT_CODES
     pointers = dict(a_ptr=BF16, idx_ptr=I64, b_ptr=BF16, offsets_ptr=I32, out_ptr=BF16,
                     bias_ptr=BF16, aux_ptr=BF16, scale_ptr=F32, parts_ptr=F32, vec_ptr=BF16)
     scalars = dict(num_experts="i32", a_stride="i32", stride_be="i32", stride_bk="i32",
@@ -98,10 +102,12 @@ def grouped_gemm_cases():
     for epilogue, gather, bias, scale, vec, K, N, written in layer_uses:
         key = "transposed" if epilogue == gg.EPI_PLAIN and not bias else epilogue
         BM, BN, BK, warps, stages, per_sm, flatten = gg.ROW_BLOCKS[key]
-        yield gg._row_gemm_kernel, pointers, scalars, dict(
-            K=K, N=N, GATHER=gather, EPILOGUE=epilogue, HAS_BIAS=bias, HAS_SCALE=scale,
-            HAS_VEC=vec, IEEE=False, BM=BM, BN=BN, BK=BK, BLOCK_E=64, FLATTEN=flatten), \
-            written
+        acts = [0] if epilogue == gg.EPI_PLAIN else sorted(ACT_CODES.values())
+        for act in acts:                               # every GeLU form of the GeLU epilogues
+            yield gg._row_gemm_kernel, pointers, scalars, dict(
+                K=K, N=N, GATHER=gather, EPILOGUE=epilogue, ACT=act, HAS_BIAS=bias,
+                HAS_SCALE=scale, HAS_VEC=vec, IEEE=False, BM=BM, BN=BN, BK=BK, BLOCK_E=64,
+                FLATTEN=flatten), written
     BI, BJ, BP, _, _ = gg.WGRAD_BLOCKS
     for gather_l in (True, False):
         yield gg._group_wgrad_kernel, dict(l_ptr=BF16, l_idx_ptr=I64, r_ptr=BF16,

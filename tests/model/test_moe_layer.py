@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron.config import MoEConfig
 from megatron.model.mlp import MLP
@@ -17,6 +16,7 @@ from megatron.model.mlp_gating import RoutingDecision
 from megatron.model.moe import MoELayer, MoEOutput, MoEStats, compute_stats
 from megatron.model.moe.dispatch import make_plan
 from megatron.model.moe.experts import grouped_mm_available
+from tests.model.gelu_reference import FORMS, ref_gelu
 
 B, S, D, E, FH, V = 2, 12, 16, 6, 8, 50
 T = B * S
@@ -37,7 +37,7 @@ IMPLS = ["loop"] + (["grouped"] if _grouped_cpu_ok() else [])
 
 
 def make_layer(router="threshold", drop_tokens=True, sync_free=False, impl="loop", seed=0,
-               num_experts=E, **kw) -> MoELayer:
+               num_experts=E, activation="gelu_tanh", **kw) -> MoELayer:
     fields = dict(router=router, ffn_hidden_size=FH, threshold=0.7, topk=2,
                   train_capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=2,
                   drop_tokens=drop_tokens, sync_free=sync_free, expert_impl=impl,
@@ -45,7 +45,7 @@ def make_layer(router="threshold", drop_tokens=True, sync_free=False, impl="loop
     fields.update(kw)
     torch.manual_seed(seed)
     layer = MoELayer(MoEConfig(**fields), D, num_experts, init_std=0.5, output_init_std=0.3,
-                     layer_number=3, dense_ffn_hidden_size=4 * D)
+                     layer_number=3, dense_ffn_hidden_size=4 * D, activation=activation)
     if layer.experts.b1 is not None:
         with torch.no_grad():  # non-zero biases so gradients and outputs see them
             layer.experts.b1.normal_(0, 0.1)
@@ -109,7 +109,8 @@ def check_decision_rules(layer: MoELayer, d: RoutingDecision, probs_TE, ids_T) -
 
 
 def reference_forward(layer: MoELayer, x_BSD, ids_BS, d: RoutingDecision) -> torch.Tensor:
-    """Per token: own fp32 softmax, then sum over kept pairs of weight * expert MLP(x_t)."""
+    """Per token: own fp32 softmax, then sum over kept pairs of weight * expert MLP(x_t) (the
+    layer's GeLU form, written out in gelu_reference.py)."""
     ex = layer.experts
     x_TD = x_BSD.reshape(T, D)
     probs = []
@@ -131,7 +132,7 @@ def reference_forward(layer: MoELayer, x_BSD, ids_BS, d: RoutingDecision) -> tor
             assert math.isclose(float(w.detach()), float(d.weights_TK[t, k].detach()),
                                 rel_tol=1e-6, abs_tol=1e-7)
             b1, b2 = (0.0, 0.0) if ex.b1 is None else (ex.b1[e], ex.b2[e])
-            h = F.gelu(xt @ ex.w1[e] + b1)
+            h = ref_gelu(xt @ ex.w1[e] + b1, ex.activation)
             acc = acc + w * (h @ ex.w2[e] + b2)
         out.append(acc)
     check_decision_rules(layer, d, torch.stack(probs) if probs else None, ids_BS.reshape(T))
@@ -270,11 +271,28 @@ def test_experts_with_zero_tokens():
                 assert torch.all(p.grad[e] == 0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("form", FORMS)
+def test_every_gelu_form_matches_per_token_reference(form, impl):
+    layer = make_layer("threshold", True, False, impl, activation=form).eval()
+    assert layer.experts.activation == form
+    run_and_compare(layer)
+
+
+def test_default_layer_is_megatrons_tanh_gelu():
+    """Built without a form, the experts use the original's default (fused tanh GeLU)."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(ffn_hidden_size=FH), D, E, 0.5, 0.3, layer_number=1)
+    assert layer.experts.activation == "gelu_tanh"
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_one_expert_equals_dense_mlp(sync_free):
-    layer = make_layer("threshold", drop_tokens=False, sync_free=sync_free, num_experts=1).eval()
+def test_one_expert_equals_dense_mlp(sync_free, form):
+    layer = make_layer("threshold", drop_tokens=False, sync_free=sync_free, num_experts=1,
+                       activation=form).eval()
     ex = layer.experts
-    mlp = MLP(D, FH, 0.02, 0.02)
+    mlp = MLP(D, FH, 0.02, 0.02, activation=form)
     with torch.no_grad():
         mlp.dense_h_to_4h.weight.copy_(ex.w1[0].T)
         mlp.dense_h_to_4h.bias.copy_(ex.b1[0])

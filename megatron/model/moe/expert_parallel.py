@@ -53,7 +53,8 @@ def shard_experts(experts: Experts, rank: int, world_size: int) -> Experts:
     D, Fh = experts.w1.shape[1], experts.w1.shape[2]
     local = Experts(last - first, D, Fh, init_std=1.0, output_init_std=1.0,
                     bias=experts.b1 is not None, impl=experts.impl,
-                    params_dtype=experts.w1.dtype).to(experts.w1.device)
+                    params_dtype=experts.w1.dtype,
+                    activation=experts.activation).to(experts.w1.device)
     with torch.no_grad():
         for name, param in local.named_parameters():
             param.copy_(getattr(experts, name)[first:last])

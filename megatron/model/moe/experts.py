@@ -2,9 +2,9 @@
 
 Letters: P dispatch rows (sorted by expert), D hidden, F expert hidden, E experts.
 
-Each expert is Megatron's MLP: Linear(D -> F) -> GeLU -> Linear(F -> D). GeLU is the exact (erf)
-form, F.gelu, as in Megatron's unfused path and our dense MLP (its fused bias_gelu kernel uses
-the tanh approximation, which differs by up to ~1e-3 per activation).
+Each expert is Megatron's MLP: Linear(D -> F) -> GeLU -> Linear(F -> D), with the model's GeLU
+form (megatron/model/activations.py; default Megatron's fused bias + tanh GeLU), as the XMoE
+fork's experts were copies of its dense ParallelMLP.
 
 Two paths behind one call, `experts(x_PD, group_offsets_E) -> y_PD`:
 - grouped: two `torch._grouped_mm` calls over contiguous expert groups (the CUTLASS grouped GEMM
@@ -22,8 +22,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from megatron.config import DEFAULT_ACTIVATION
+from megatron.model.activations import activation_fn
 
 
 def grouped_mm_available() -> bool:
@@ -32,15 +34,19 @@ def grouped_mm_available() -> bool:
 
 
 class Experts(nn.Module):
-    """w1 [E, D, F] ~ N(0, init_std), w2 [E, F, D] ~ N(0, output_init_std), b1 [E, F], b2 [E, D] = 0."""
+    """w1 [E, D, F] ~ N(0, init_std), w2 [E, F, D] ~ N(0, output_init_std), b1 [E, F] and
+    b2 [E, D] = 0; activation: the GeLU form of every expert (the Triton paths read it too)."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float,
                  output_init_std: float, bias: bool = True, impl: str = "auto",
-                 params_dtype: torch.dtype = torch.float32) -> None:
+                 params_dtype: torch.dtype = torch.float32,
+                 activation: str = DEFAULT_ACTIVATION) -> None:
         super().__init__()
         if impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert_impl must be auto, grouped or loop, got {impl!r}")
         self.impl = impl
+        self.activation = activation
+        self.activation_fn = activation_fn(activation)
         E, D, Fh = num_experts, hidden_size, ffn_hidden_size
         self.w1 = nn.Parameter(torch.empty(E, D, Fh, dtype=params_dtype))
         self.w2 = nn.Parameter(torch.empty(E, Fh, D, dtype=params_dtype))
@@ -56,6 +62,9 @@ class Experts(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.w1.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, impl={self.impl}, activation={self.activation}"
 
     def use_grouped(self, x: torch.Tensor) -> bool:
         """grouped: always (if torch has it); auto: on CUDA only; loop: never."""
@@ -90,7 +99,7 @@ class Experts(nn.Module):
                 h = x[start:end] @ self.w1[e]
                 if self.b1 is not None:
                     h = h + self.b1[e]
-                y = F.gelu(h) @ self.w2[e]
+                y = self.activation_fn(h) @ self.w2[e]
                 if self.b2 is not None:
                     y = y + self.b2[e]
                 outs.append(y)
@@ -120,7 +129,7 @@ class Experts(nn.Module):
             x = _mask_rows(x, valid_P)
         h = torch._grouped_mm(_with_ones(x, self.b1), _with_bias(self.w1, self.b1, dtype),
                               offs=offs)
-        a = _with_ones(F.gelu(h), self.b2)
+        a = _with_ones(self.activation_fn(h), self.b2)
         y = torch._grouped_mm(a, _with_bias(self.w2, self.b2, dtype), offs=offs)
         if valid_P is not None:
             y = _mask_rows(y, valid_P)

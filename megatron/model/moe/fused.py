@@ -110,17 +110,18 @@ def fused_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,
     "fused": grouped_gemm.py's Triton GEMMs with the row traffic inside. Measured on the H200
     (benchmarks/moe_layer.py, train_throughput.py): the same GPU time per layer, fused holds
     no [P, D] buffers (16% lower peak memory in compiled training) but launches more Triton
-    kernels, whose host cost made eager training 8% slower; hence the default."""
+    kernels, whose host cost made eager training 8% slower; hence the default. The GeLU is
+    the experts' form (experts.activation), in the kernels as in the torch path."""
     dtype = torch.bfloat16 if x_TD.is_cuda else experts.w1.dtype
     offs = plan.group_offsets_E.to(torch.int32)
     starts = plan.bag_offsets_B
     if expert_gemm == "fused":
         return _FusedExperts.apply(x_TD, plan.weight_P, experts.w1, experts.b1, experts.w2,
                                    experts.b2, plan.token_idx_P, offs, plan.bag_rows_J, starts,
-                                   plan.num_tokens, out_dtype, dtype)
+                                   plan.num_tokens, out_dtype, dtype, experts.activation)
     x_PD = _GatherRows.apply(x_TD, plan.token_idx_P, offs, plan.bag_rows_J, starts, dtype)
     h_PF = torch._grouped_mm(x_PD, experts.w1.to(dtype), offs=offs)
-    a_PF = _BiasGelu.apply(h_PF, experts.b1, offs)
+    a_PF = _BiasGelu.apply(h_PF, experts.b1, offs, experts.activation)
     y_PD = torch._grouped_mm(a_PF, experts.w2.to(dtype), offs=offs)
     return _BiasCombine.apply(y_PD, plan.weight_P, experts.b2, plan.token_idx_P, offs,
                               plan.bag_rows_J, starts, plan.num_tokens, out_dtype)
@@ -149,21 +150,23 @@ class _GatherRows(torch.autograd.Function):
 
 
 class _BiasGelu(torch.autograd.Function):
-    """gelu(h + b1[expert]) on the kept rows; dL/db1 = per-expert sums of dL/dh."""
+    """gelu(h + b1[expert]) on the kept rows (GeLU form `activation`); dL/db1 = per-expert sums
+    of dL/dh."""
 
     @staticmethod
-    def forward(ctx, h_PF, b1_EF, offs_E):
+    def forward(ctx, h_PF, b1_EF, offs_E, activation: str):
         ctx.save_for_backward(h_PF, b1_EF, offs_E)
-        return _KERNELS.gelu_rows(h_PF, b1_EF, offs_E)
+        ctx.activation = activation
+        return _KERNELS.gelu_rows(h_PF, b1_EF, offs_E, activation)
 
     @staticmethod
     def backward(ctx, grad_PF):
         h_PF, b1_EF, offs_E = ctx.saved_tensors
-        grad_h = _KERNELS.gelu_backward_rows(grad_PF, h_PF, b1_EF, offs_E)
+        grad_h = _KERNELS.gelu_backward_rows(grad_PF, h_PF, b1_EF, offs_E, ctx.activation)
         grad_b1 = None
         if b1_EF is not None and ctx.needs_input_grad[1]:
             grad_b1 = _KERNELS.segment_sum(grad_h, offs_E).to(b1_EF.dtype)
-        return grad_h, grad_b1, None
+        return grad_h, grad_b1, None, None
 
 
 class _BiasCombine(torch.autograd.Function):
@@ -200,16 +203,17 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, weight_P, w1_EDF, b1_EF, w2_EFD, b2_ED, token_P, offs_E, rows_J,
-                starts_T, num_tokens: int, out_dtype, dtype):
+                starts_T, num_tokens: int, out_dtype, dtype, activation: str):
         x = x_TD.to(dtype).contiguous()
         w1, w2 = w1_EDF.to(dtype), w2_EFD.to(dtype)
         P = token_P.shape[0]
         a_PF, z_PF = _GEMM.row_gemm(x, w1, offs_E, P, idx_P=token_P, epilogue=_GEMM.EPI_GELU,
-                                    bias_EN=b1_EF, scale_P=weight_P)
+                                    bias_EN=b1_EF, scale_P=weight_P, activation=activation)
         y_PD = _GEMM.row_gemm(a_PF, w2, offs_E, P, bias_EN=b2_ED, scale_P=weight_P)
         ctx.save_for_backward(x, z_PF, a_PF, weight_P, token_P, offs_E, rows_J, starts_T, w1,
                               w2, b1_EF, b2_ED)
         ctx.x_dtype, ctx.w_dtype, ctx.num_tokens = x_TD.dtype, w1_EDF.dtype, num_tokens
+        ctx.activation = activation
         return _KERNELS.bag_sum(y_PD, rows_J, starts_T, offs_E, num_tokens, None, None,
                                 out_dtype)
 
@@ -222,7 +226,7 @@ class _FusedExperts(torch.autograd.Function):
         gb_TE = None if b2 is None else g @ b2.to(g.dtype).t()     # <g[t], b2[e]>
         dz_PF, parts = _GEMM.row_gemm(g, w2.transpose(1, 2), offs_E, P, idx_P=token_P,
                                       epilogue=_GEMM.EPI_GELU_GRAD, aux_PN=z_PF,
-                                      scale_P=weight_P, vec_TE=gb_TE)
+                                      scale_P=weight_P, vec_TE=gb_TE, activation=ctx.activation)
         grad_w = parts.sum(dim=1) if ctx.needs_input_grad[1] else None
         grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
         if ctx.needs_input_grad[4]:
@@ -238,7 +242,7 @@ class _FusedExperts(torch.autograd.Function):
             grad_x = _KERNELS.bag_sum(dx_PD, rows_J, starts_T, offs_E, ctx.num_tokens, None,
                                       None, ctx.x_dtype)
         return (grad_x, grad_w, grad_w1, _cast(grad_b1, b1), grad_w2, _cast(grad_b2, b2), None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _cast(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

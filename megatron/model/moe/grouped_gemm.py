@@ -30,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron.config import DEFAULT_ACTIVATION
+from megatron.model.moe.gelu_triton import act_code, gelu_parts
 from megatron.model.moe.kernels import _or, _source_rows, sm_count
-
-_SQRT_HALF = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 EPI_PLAIN = 0       # out = acc + s[p] * bias[e]
 EPI_GELU = 1        # z = acc + bias[e]; stores z (aux) and s[p] * gelu(z) (out)
 EPI_GELU_GRAD = 2   # dz = s[p] * acc * gelu'(z[p]) (out); parts[p, n] = <acc, gelu(z)> (+ vec)
+# gelu: the GeLU form of the constexpr ACT (gelu_triton.ACT_CODES), in both GeLU epilogues.
 
 
 @triton.jit
@@ -50,10 +50,10 @@ def _pick(values, lanes, lane):
 def _row_gemm_kernel(a_ptr, idx_ptr, b_ptr, offsets_ptr, out_ptr, bias_ptr, aux_ptr, scale_ptr,
                      parts_ptr, vec_ptr, num_experts, a_stride, stride_be, stride_bk, stride_bn,
                      K: tl.constexpr, N: tl.constexpr, GATHER: tl.constexpr,
-                     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_VEC: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr,
-                     FLATTEN: tl.constexpr):
+                     EPILOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_VEC: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     BLOCK_E: tl.constexpr, FLATTEN: tl.constexpr):
     """Persistent grouped GEMM over the kept rows; see row_gemm for the epilogues.
 
     The operand tiles go from memory to the dot untouched (no arithmetic on them in the
@@ -111,15 +111,14 @@ def _row_gemm_kernel(a_ptr, idx_ptr, b_ptr, offsets_ptr, out_ptr, bias_ptr, aux_
             # GeLU of the stored (rounded) z, so the backward's gelu'(z) is its exact derivative.
             z = z.to(aux_ptr.dtype.element_ty)
             tl.store(aux_ptr + at, z, mask=mask)
-            z = z.to(tl.float32)
-            gelu = z * (0.5 * (1.0 + tl.math.erf(z * _SQRT_HALF)))
+            gelu, _ = gelu_parts(z.to(tl.float32), ACT)
             tl.store(out_ptr + at, (s * gelu).to(out_ptr.dtype.element_ty), mask=mask)
         else:
             z = tl.load(aux_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT_HALF))
-            dz = s * acc * (cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+            gelu, gelu_grad = gelu_parts(z, ACT)
+            dz = s * acc * gelu_grad
             tl.store(out_ptr + at, dz.to(out_ptr.dtype.element_ty), mask=mask)
-            part = tl.sum(tl.where(mask, acc * (z * cdf), 0.0), axis=1)
+            part = tl.sum(tl.where(mask, acc * gelu, 0.0), axis=1)
             if HAS_VEC:   # + vec[src(p), e] once per row (the first column tile)
                 v = tl.load(vec_ptr + src * num_experts + e, mask=live, other=0.0)
                 part += tl.where(n_tile == 0, v.to(tl.float32), 0.0)
@@ -185,10 +184,11 @@ def row_gemm(a: torch.Tensor, b_EKN: torch.Tensor, offsets_E: torch.Tensor, num_
              idx_P: Optional[torch.Tensor] = None, epilogue: int = EPI_PLAIN,
              bias_EN: Optional[torch.Tensor] = None, aux_PN: Optional[torch.Tensor] = None,
              scale_P: Optional[torch.Tensor] = None, vec_TE: Optional[torch.Tensor] = None,
-             blocks: Optional[Tuple[int, ...]] = None):
+             blocks: Optional[Tuple[int, ...]] = None, activation: str = DEFAULT_ACTIVATION):
     """Grouped GEMM over the P = num_rows dispatch rows: rows p < N of the result are
     acc = A[src(p)] @ B[e] (e the expert owning row p, src(p) = idx_P[p] or p), then the
-    epilogue, with s = scale_P[p] (1 when None) and bias = bias_EN[e] (0 when None):
+    epilogue, with s = scale_P[p] (1 when None), bias = bias_EN[e] (0 when None) and gelu the
+    GeLU form `activation` (megatron/model/activations.py):
 
     EPI_PLAIN:     returns out = acc + s * bias [P, N].
     EPI_GELU:      z = acc + bias; returns (s * gelu(z), z), both [P, N] in a's dtype.
@@ -220,8 +220,8 @@ def row_gemm(a: torch.Tensor, b_EKN: torch.Tensor, offsets_E: torch.Tensor, num_
             _or(aux_PN, out), _or(scale_P, offsets_E), _or(parts, offsets_E),
             _or(vec_TE, offsets_E), E, a.stride(0), b_EKN.stride(0), b_EKN.stride(1),
             b_EKN.stride(2), K=K, N=Nw, GATHER=idx_P is not None, EPILOGUE=epilogue,
-            HAS_BIAS=bias_EN is not None, HAS_SCALE=scale_P is not None,
-            HAS_VEC=vec_TE is not None,
+            ACT=act_code(activation), HAS_BIAS=bias_EN is not None,
+            HAS_SCALE=scale_P is not None, HAS_VEC=vec_TE is not None,
             IEEE=dtype == torch.float32, BM=BM, BN=BN, BK=BK,
             BLOCK_E=triton.next_power_of_2(max(E, 16)), FLATTEN=flatten, num_warps=warps,
             num_stages=stages)

@@ -11,7 +11,8 @@ for: the expert biases (b1 into the GeLU, b2 into the combine, each row finding 
 among the E group ends), the combine weight into the per-token sum (fp32 accumulation, no
 atomics), and both combine gradients into one pass; bias gradients are per-expert sums of
 the sorted rows in a fixed order (deterministic, no atomics).
-Rows at or past N are never read or written: grouped_mm leaves them alone too.
+Rows at or past N are never read or written: grouped_mm leaves them alone too. The GeLU is
+any of the model's forms (gelu_triton.py: a constexpr ACT, forward and derivative).
 
 Row kernels give each program a contiguous share of rows [0, N) (a few programs per SM), so a
 padded buffer launches no idle work. The combine backward kernel splits each expert's rows into
@@ -31,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-_SQRT_HALF = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+from megatron.config import DEFAULT_ACTIVATION
+from megatron.model.moe.gelu_triton import act_code, gelu_parts
 
 
 @triton.jit
@@ -122,10 +123,11 @@ def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_s
 @triton.jit
 def _gelu_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
                  F: tl.constexpr, HAS_BIAS: tl.constexpr, BACKWARD: tl.constexpr,
-                 ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_E: tl.constexpr):
-    """For rows p < N, with z = h[p] + bias[expert(p)] (exact erf GeLU, fp32 math):
+                 ACT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """For rows p < N, with z = h[p] + bias[expert(p)] (GeLU form ACT, fp32 math):
     forward:  out[p] = gelu(z)                                     (grad_ptr unused)
-    backward: out[p] = grad[p] * gelu'(z), gelu'(z) = Phi(z) + z phi(z).
+    backward: out[p] = grad[p] * gelu'(z).
     Columns in chunks of COLS (F = 384 in a 512-wide tile left a quarter of it masked: the
     chunked kernel was 20-25% faster on the H200), the rows' experts found once per step."""
     start, end = _row_range(offsets_ptr, num_experts)
@@ -142,12 +144,12 @@ def _gelu_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
             if HAS_BIAS:
                 x += tl.load(bias_ptr + e[:, None] * F + cols[None, :], mask=mask,
                              other=0.0).to(tl.float32)
-            cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
+            gelu, gelu_grad = gelu_parts(x, ACT)
             if BACKWARD:
                 g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
-                y = g * (cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+                y = g * gelu_grad
             else:
-                y = x * cdf
+                y = gelu
             tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -291,20 +293,22 @@ def gather_rows(x_TD: torch.Tensor, token_P: torch.Tensor, offsets_E: torch.Tens
     return out
 
 
-def gelu_rows(h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
-              offsets_E: torch.Tensor) -> torch.Tensor:
-    """[P, F]: rows p < N = gelu(h_PF[p] + bias_EF[expert of p]) (no bias: None)."""
-    return _gelu(None, h_PF, bias_EF, offsets_E)
+def gelu_rows(h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor], offsets_E: torch.Tensor,
+              activation: str = DEFAULT_ACTIVATION) -> torch.Tensor:
+    """[P, F]: rows p < N = gelu(h_PF[p] + bias_EF[expert of p]) (no bias: None), GeLU form
+    `activation`."""
+    return _gelu(None, h_PF, bias_EF, offsets_E, activation)
 
 
 def gelu_backward_rows(grad_PF: torch.Tensor, h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
-                       offsets_E: torch.Tensor) -> torch.Tensor:
+                       offsets_E: torch.Tensor, activation: str = DEFAULT_ACTIVATION
+                       ) -> torch.Tensor:
     """dL/dh [P, F] from dL/d(gelu_rows output); rows >= N uninitialised."""
-    return _gelu(grad_PF, h_PF, bias_EF, offsets_E)
+    return _gelu(grad_PF, h_PF, bias_EF, offsets_E, activation)
 
 
 def _gelu(grad_PF: Optional[torch.Tensor], h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
-          offsets_E: torch.Tensor) -> torch.Tensor:
+          offsets_E: torch.Tensor, activation: str) -> torch.Tensor:
     """_gelu_kernel: forward without grad_PF, backward with it. Launch settings: the best
     common one of a sweep on the H200 (F = 384; fwd 33.7 us, bwd 43.9 us for 49K rows): tiles
     of 16 x 128, 8 warps, 8 programs per SM."""
@@ -316,7 +320,8 @@ def _gelu(grad_PF: Optional[torch.Tensor], h_PF: torch.Tensor, bias_EF: Optional
         _gelu_kernel[_row_grid(h_PF.device, P, per_sm=8)](
             _or(grad_PF, h_PF), h_PF, _or(bias_EF, offsets_E), offsets_E, out,
             offsets_E.shape[0], F=Fh, HAS_BIAS=bias_EF is not None,
-            BACKWARD=grad_PF is not None, ROWS=max(1, min(16, 2048 // cols)), COLS=cols,
+            BACKWARD=grad_PF is not None, ACT=act_code(activation),
+            ROWS=max(1, min(16, 2048 // cols)), COLS=cols,
             BLOCK_E=_block(offsets_E.shape[0]), num_warps=8)
     return out
 

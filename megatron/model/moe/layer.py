@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.config import MoEConfig
+from megatron.config import DEFAULT_ACTIVATION, MoEConfig
 from megatron.model.mlp_gating import (RoutingDecision, gumbel_noise_like, make_hash_table,
                                        route, torch_capacity)
 from megatron.model.moe.dispatch import (DispatchPlan, PlanCore, combine, dispatch, finish_plan,
@@ -38,6 +38,9 @@ class MoEOutput:
 class MoELayer(nn.Module):
     """A mixture of `num_experts` GeLU MLPs of hidden `config.ffn_hidden_size`, replacing the FFN.
 
+    `activation` is the experts' GeLU form (megatron/model/activations.py): the model's, since
+    the XMoE fork's experts were copies of its dense ParallelMLP.
+
     The router weight `gate_weight` [E, D] is created and applied in fp32 whatever the params
     dtype (routing decisions are discontinuous in the logits; bf16 logits flip them). Hash
     routing has no gate: a frozen `hash_table` buffer maps token ids to experts instead.
@@ -51,7 +54,8 @@ class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int, num_experts: int, init_std: float,
                  output_init_std: float, layer_number: int,
                  dense_ffn_hidden_size: Optional[int] = None,
-                 params_dtype: torch.dtype = torch.float32) -> None:
+                 params_dtype: torch.dtype = torch.float32,
+                 activation: str = DEFAULT_ACTIVATION) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
@@ -71,7 +75,8 @@ class MoELayer(nn.Module):
             self.hash_table = None
         self.experts = Experts(num_experts, hidden_size, config.ffn_hidden_size, init_std,
                                output_init_std, bias=config.expert_bias,
-                               impl=config.expert_impl, params_dtype=params_dtype)
+                               impl=config.expert_impl, params_dtype=params_dtype,
+                               activation=activation)
         self.expert_group: Optional["torch.distributed.ProcessGroup"] = None
         self.expert_parallel_rank, self.expert_parallel_size = 0, 1
 
