@@ -5,8 +5,9 @@
     deepspeed pretrain_gpt.py ...   |   torchrun --nproc-per-node 8 pretrain_gpt.py ...
 
 parse -> validate -> tokenizer (padded vocabulary) -> typed configs -> megatron.training.pretrain.
-A ValueError from the flags, the configs or the data (a token id outside the vocabulary
-included) ends the run with one line `pretrain_gpt.py: error: ...` and exit code 2.
+A ValueError from the flags, the configs, the data (a token id outside the vocabulary
+included) or a checkpoint, or a checkpoint save that failed (a full disk), ends the run with one
+line `pretrain_gpt.py: error: ...` and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from typing import Optional
 
 from megatron.arguments import build_configs, build_data_config, parse_args, validate_args
+from megatron.checkpoint_check import CheckpointWriteError
 from megatron.initialize import distributed_env
 from megatron.tokenizer import build_tokenizer
 
@@ -46,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         training = True
         pretrain(run, vocab_size=tokenizer.vocab_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointWriteError) as e:
         # Setup errors are the same on every rank: rank 0 reports them. An error while
         # training (e.g. a bad token id in one rank's batch) is reported by the rank hitting it.
         rank = 0 if env is None else env.rank

@@ -18,17 +18,28 @@ With expert parallelism the experts of ranks other than 0 are not in DeepSpeed's
 tag directory also holds one shard file per expert-parallel rank and a layout file
 (megatron/expert_checkpoint.py); a load under another expert-parallel size is refused with the
 conversion command.
+
+Before DeepSpeed loads anything, rank 0 checks the directory and tells every rank the verdict
+(megatron/checkpoint_check.py): iter_* without the pointer, a file cut short, model flags that
+differ from the saved ones are each one ValueError line. Before a run saves, `prepare_save_dir`
+refuses a --save directory whose checkpoints the run did not load. A save that fails (a full
+disk) removes its tmp_iter_* and raises CheckpointWriteError ("no space left on device while
+saving iteration N to DIR"); the pointer and the checkpoint it names are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megatron.checkpoint_check import (  # noqa: F401  (checkpoint_tag, tracker_path: re-exported)
+    TMP_PREFIX, TRACKER_FILENAME, CheckpointWriteError, check_loadable, check_save_dir,
+    check_unpointed, checkpoint_tag, remove_stale_saves, tracker_path, write_failure)
 from megatron.expert_checkpoint import (check_layout, load_expert_shard, save_expert_shard,
                                         write_layout)
 from megatron.random_state import get_rng_state, set_rng_state
@@ -36,18 +47,7 @@ from megatron.random_state import get_rng_state, set_rng_state
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"     # Megatron's pointer file
-_TMP_PREFIX = "tmp_"        # a save in progress (or one a crash interrupted)
 _OLD_PREFIX = "old_"        # a complete checkpoint being replaced by a new save of its iteration
-
-
-def checkpoint_tag(iteration: int) -> str:
-    """Megatron's directory name: iter_0000100."""
-    return f"iter_{iteration:07d}"
-
-
-def tracker_path(checkpoint_dir: str) -> str:
-    return os.path.join(checkpoint_dir, TRACKER_FILENAME)
 
 
 def _rank() -> int:
@@ -61,6 +61,23 @@ def _world_size() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _checked_on_rank_0(check: Callable[[], None]) -> None:
+    """Run `check` on rank 0 and raise its error (as ValueError) on every rank, so that all
+    ranks stop together instead of the others waiting in DeepSpeed's next collective."""
+    error = None
+    if _rank() == 0:
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as e:
+            error = str(e)
+    if _world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ValueError(error)
 
 
 def _fsync_path(path: str) -> None:
@@ -90,7 +107,11 @@ def _gather_rng_states() -> List[Dict[str, Any]]:
 
 
 def publish_checkpoint_dir(save_dir: str, tmp_tag: str, tag: str, iteration: int) -> None:
-    """Rank 0: make tmp_tag durable, rename it to tag, then move the pointer to iteration."""
+    """Rank 0: make tmp_tag durable, rename it to tag, then move the pointer to iteration.
+
+    An error (no space for the pointer) puts the directories back as they were: tmp_tag (for
+    the caller to remove) and the previous copy of tag, if this was a re-save.
+    """
     tmp_dir, final_dir = os.path.join(save_dir, tmp_tag), os.path.join(save_dir, tag)
     _fsync_tree(tmp_dir)
     old_dir = None
@@ -98,17 +119,36 @@ def publish_checkpoint_dir(save_dir: str, tmp_tag: str, tag: str, iteration: int
         old_dir = os.path.join(save_dir, _OLD_PREFIX + tag)
         shutil.rmtree(old_dir, ignore_errors=True)
         os.rename(final_dir, old_dir)
-    os.rename(tmp_dir, final_dir)
-    _fsync_path(save_dir)
-    pointer, pointer_tmp = tracker_path(save_dir), tracker_path(save_dir) + ".tmp"
-    with open(pointer_tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, pointer)
+    renamed = False
+    try:
+        os.rename(tmp_dir, final_dir)
+        renamed = True
+        _fsync_path(save_dir)
+        _write_pointer(save_dir, iteration)
+    except Exception:
+        if renamed:
+            os.rename(final_dir, tmp_dir)
+        if old_dir is not None:
+            os.rename(old_dir, final_dir)
+        raise
     _fsync_path(save_dir)
     if old_dir is not None:
         shutil.rmtree(old_dir)
+
+
+def _write_pointer(save_dir: str, iteration: int) -> None:
+    """Replace the pointer atomically (temporary file + fsync + os.replace)."""
+    pointer, pointer_tmp = tracker_path(save_dir), tracker_path(save_dir) + ".tmp"
+    try:
+        with open(pointer_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, pointer)
+    except Exception:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pointer_tmp)
+        raise
 
 
 def save_checkpoint(engine: Any, iteration: int, consumed_samples: int, lr_scheduler: Any,
@@ -119,15 +159,13 @@ def save_checkpoint(engine: Any, iteration: int, consumed_samples: int, lr_sched
     engine: a DeepSpeed engine (model and optimizer; its own lr_scheduler should be None).
     lr_scheduler: megatron.learning_rates.LRScheduler or None. args_dict: the run's arguments.
     expert_parallel: the run's megatron.expert_groups.ExpertParallelGroups (None: size 1).
+    A failed write (OSError, or torch's writer error) raises CheckpointWriteError after this
+    rank removed tmp_iter_*; other errors are re-raised after the same cleanup.
     """
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
     tag = checkpoint_tag(iteration)
-    tmp_tag = _TMP_PREFIX + tag
-    if _rank() == 0:        # a save of this iteration a crash interrupted leaves debris
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(os.path.join(save_dir, tmp_tag), ignore_errors=True)
-    _barrier()
+    tmp_dir = os.path.join(save_dir, TMP_PREFIX + tag)
     client_state = {
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
@@ -136,19 +174,50 @@ def save_checkpoint(engine: Any, iteration: int, consumed_samples: int, lr_sched
         "rng_state": _gather_rng_states() if save_rng else None,
         "args": dict(args_dict or {}),
     }
-    engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    try:
+        _write_and_publish(engine, save_dir, tag, iteration, client_state, expert_parallel)
+    except Exception as e:
+        reason = write_failure(e, save_dir)         # before the removal frees space
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if reason is None:
+            raise
+        raise CheckpointWriteError(f"{reason} while saving iteration {iteration} to "
+                                   f"{save_dir}") from e
+    _barrier()              # nobody returns before the pointer names the new checkpoint
+    return os.path.join(save_dir, tag)
+
+
+def _write_and_publish(engine: Any, save_dir: str, tag: str, iteration: int,
+                       client_state: Dict[str, Any], expert_parallel: Any) -> None:
+    """Every rank writes its files under tmp_iter_*; then rank 0 publishes them."""
+    tmp_tag = TMP_PREFIX + tag
     tmp_dir = os.path.join(save_dir, tmp_tag)
+    if _rank() == 0:        # a save of this iteration a crash interrupted leaves debris
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
     ep_size = 1 if expert_parallel is None else expert_parallel.size
     if ep_size > 1 and expert_parallel.data_parallel_rank == 0:
         save_expert_shard(engine.module, tmp_dir, expert_parallel.rank, ep_size)
     if _rank() == 0:
-        write_layout(tmp_dir, ep_size)
+        write_layout(tmp_dir, ep_size, model=client_state["args"].get("model"))
     _barrier()              # every rank's files are written (DeepSpeed's save ends with one too)
     if _rank() == 0:
         publish_checkpoint_dir(save_dir, tmp_tag, tag, iteration)
         logger.info("saved checkpoint %s", os.path.join(save_dir, tag))
-    _barrier()              # nobody returns before the pointer names the new checkpoint
-    return os.path.join(save_dir, tag)
+
+
+def prepare_save_dir(save_dir: str, load_dir: Optional[str], loaded_iteration: Optional[int]
+                     ) -> None:
+    """Before a run's first save; all ranks call. Refuses (ValueError on every rank) a --save
+    directory holding checkpoints the run did not load or newer than `loaded_iteration`
+    (checkpoint_check.check_save_dir), then rank 0 removes saves that never finished."""
+    _checked_on_rank_0(lambda: check_save_dir(save_dir, load_dir, loaded_iteration))
+    if _rank() == 0:
+        for path in remove_stale_saves(save_dir):
+            logger.warning("removed %s: a save that did not finish", path)
+    _barrier()
 
 
 def read_tracker(load_dir: str) -> Optional[str]:
@@ -184,12 +253,14 @@ def _resolve_tag_dir(load_dir: str, tag: str) -> None:
 
 def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
                     load_optimizer: bool = True, load_rng: bool = True,
-                    finetune: bool = False, expert_parallel: Any = None
-                    ) -> Optional[Tuple[int, int]]:
+                    finetune: bool = False, expert_parallel: Any = None,
+                    model_args: Optional[Dict[str, Any]] = None) -> Optional[Tuple[int, int]]:
     """Restore the checkpoint the pointer names; all ranks call.
 
-    Returns (iteration, consumed_samples), or None (start fresh) when load_dir or its pointer
-    file does not exist. finetune loads the model weights only and returns (0, 0). A
+    Returns (iteration, consumed_samples), or None (start fresh) when load_dir does not exist or
+    holds no checkpoint. iter_* without the pointer, an incomplete checkpoint, or `model_args`
+    (the run's RunConfig.model as a dict) differing from the saved model flags raise ValueError
+    before anything is loaded. finetune loads the model weights only and returns (0, 0). A
     weights-only checkpoint (written by the expert-parallel conversion tool) restores weights,
     iteration, schedule and RNG, and starts the optimizer state afresh.
     """
@@ -198,10 +269,12 @@ def load_checkpoint(engine: Any, lr_scheduler: Any, load_dir: Optional[str],
         return None
     tag = read_tracker(load_dir)
     if tag is None:
+        _checked_on_rank_0(lambda: check_unpointed(load_dir))
         logger.warning("no %s in %s: starting from scratch", TRACKER_FILENAME, load_dir)
         return None
     _resolve_tag_dir(load_dir, tag)
     tag_dir = os.path.join(load_dir, tag)
+    _checked_on_rank_0(lambda: check_loadable(load_dir, tag, model_args))
     ep_size = 1 if expert_parallel is None else expert_parallel.size
     layout = check_layout(tag_dir, ep_size)
     module_only = finetune or bool(layout.get("weights_only"))

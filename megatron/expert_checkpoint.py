@@ -9,9 +9,11 @@ parallel group also writes
                                                         "tensors": {name: [E / N, ...] tensor}}
 
 and rank 0 writes `iter_0000100/xmoe_checkpoint.json` ({"expert_parallel_size": N,
-"weights_only": false}), read before loading to refuse a layout that does not fit the run
-(a checkpoint without it is an N = 1 checkpoint). tools/convert_expert_parallel_checkpoint.py
-changes N, writing a weights-only checkpoint (the optimizer state is partitioned by world size).
+"weights_only": false, "model": {the run's model flags}}), read before loading to refuse a
+layout that does not fit the run (a checkpoint without it is an N = 1 checkpoint) and model
+flags that differ (megatron/checkpoint_check.py, which also reads it and names the files).
+tools/convert_expert_parallel_checkpoint.py changes N, writing a weights-only checkpoint (the
+optimizer state is partitioned by world size).
 """
 
 from __future__ import annotations
@@ -20,41 +22,29 @@ import json
 import os
 import re
 import shutil
-from typing import Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
+from megatron.checkpoint_check import (  # noqa: F401  (re-exported: the file names, the reader)
+    LAYOUT_FILENAME, LAYOUT_VERSION, MODEL_FILENAME, read_layout, shard_filename)
 from megatron.fileio import atomic_write
 from megatron.model.moe import named_expert_parameters
 
-LAYOUT_FILENAME = "xmoe_checkpoint.json"
-LAYOUT_VERSION = 1
 
-
-def shard_filename(rank: int, size: int) -> str:
-    return f"expert_parallel_rank_{rank:03d}_of_{size:03d}.pt"
-
-
-def write_layout(tag_dir: str, expert_parallel_size: int, weights_only: bool = False) -> None:
+def write_layout(tag_dir: str, expert_parallel_size: int, weights_only: bool = False,
+                 model: Optional[Dict[str, Any]] = None) -> None:
+    """Write the layout file; `model`: the run's model flags (RunConfig.model as a dict), read
+    back to name the flags a later run changed (megatron/checkpoint_check.check_model_args)."""
+    layout: Dict[str, Any] = {"version": LAYOUT_VERSION,
+                              "expert_parallel_size": expert_parallel_size,
+                              "weights_only": weights_only}
+    if model is not None:
+        layout["model"] = model
     with atomic_write(os.path.join(tag_dir, LAYOUT_FILENAME), "w") as f:
-        json.dump({"version": LAYOUT_VERSION, "expert_parallel_size": expert_parallel_size,
-                   "weights_only": weights_only}, f)
+        json.dump(layout, f, default=str)     # a value JSON cannot hold is kept as text
         f.write("\n")
-
-
-def read_layout(tag_dir: str) -> dict:
-    """The checkpoint's layout; {"expert_parallel_size": 1, "weights_only": False} without one."""
-    path = os.path.join(tag_dir, LAYOUT_FILENAME)
-    if not os.path.isfile(path):
-        return {"version": LAYOUT_VERSION, "expert_parallel_size": 1, "weights_only": False}
-    try:
-        with open(path) as f:
-            layout = json.load(f)
-        int(layout["expert_parallel_size"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid checkpoint layout file: {e}") from None
-    return layout
 
 
 def check_layout(tag_dir: str, expert_parallel_size: int) -> dict:
@@ -112,7 +102,6 @@ def load_expert_shard(model: nn.Module, tag_dir: str, rank: int, size: int) -> N
 # ----------------------------------------------------------------------------------------------
 # conversion between expert-parallel sizes
 
-MODEL_FILENAME = "mp_rank_00_model_states.pt"      # DeepSpeed's model file (no tensor parallel)
 _EXPERT_KEY = re.compile(r"(^|\.)experts\.(w1|w2|b1|b2)$")
 
 
@@ -171,10 +160,16 @@ def convert_checkpoint(load_dir: str, tag: str, save_dir: str, target_size: int)
     if target_size > 1:
         for r, tensors in enumerate(shards):
             write_shard(tmp_dir, r, target_size, tensors)
-    write_layout(tmp_dir, target_size, weights_only=True)
+    write_layout(tmp_dir, target_size, weights_only=True, model=_saved_model_flags(state))
     iteration = int(state.get("iteration", 0))
     publish_checkpoint_dir(save_dir, tmp_tag, tag, iteration)
     return os.path.join(save_dir, tag)
+
+
+def _saved_model_flags(state: dict) -> Optional[Dict[str, Any]]:
+    """The model flags in the saved arguments (client state "args", as RunConfig dicts)."""
+    model = state.get("args", {}).get("model")
+    return model if isinstance(model, dict) else None
 
 
 def _set_expert_parallel_arg(state: dict, size: int) -> None:

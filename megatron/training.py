@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.arguments import RunConfig
-from megatron.checkpointing import load_checkpoint, save_checkpoint
+from megatron.checkpointing import load_checkpoint, prepare_save_dir, save_checkpoint
 from megatron.config import TrainingConfig
 from megatron.data.data_samplers import build_pretraining_data_loader
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
@@ -272,18 +272,25 @@ class Trainer:
         print_rank_0(f"saved checkpoint at iteration {self.iteration:7d} to {c.save}")
 
     def load(self) -> None:
+        """--load (refused before anything is read if the checkpoint is incomplete or was saved
+        with other model flags), then the check that --save holds no checkpoint this run did
+        not load and could overwrite (megatron/checkpoint_check.py)."""
         c = self.run.checkpoint
-        if c.load is None:
-            return
-        loaded = load_checkpoint(self.engine, self.scheduler, c.load,
-                                 load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                 finetune=c.finetune, expert_parallel=self.expert_parallel)
-        if loaded is None:
-            print_rank_0(f"no checkpoint found in {c.load}: training from scratch")
-            return
-        self.iteration, self.consumed_samples = loaded
-        print_rank_0(f"loaded checkpoint from {c.load} at iteration {self.iteration} "
-                     f"(consumed samples {self.consumed_samples})")
+        loaded = None
+        if c.load is not None:
+            loaded = load_checkpoint(self.engine, self.scheduler, c.load,
+                                     load_optimizer=not c.no_load_optim,
+                                     load_rng=not c.no_load_rng, finetune=c.finetune,
+                                     expert_parallel=self.expert_parallel,
+                                     model_args=dataclasses.asdict(self.run.model))
+            if loaded is None:
+                print_rank_0(f"no checkpoint found in {c.load}: training from scratch")
+            else:
+                self.iteration, self.consumed_samples = loaded
+                print_rank_0(f"loaded checkpoint from {c.load} at iteration {self.iteration} "
+                             f"(consumed samples {self.consumed_samples})")
+        if c.save is not None and not self.run.training.eval_only:
+            prepare_save_dir(c.save, c.load, None if loaded is None else self.iteration)
 
     def start_iterators(self, valid_consumed: int) -> None:
         t, workers = self.run.training, self.run.data.num_workers

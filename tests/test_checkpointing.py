@@ -7,7 +7,10 @@ simulated by making one step of the save raise; the last complete checkpoint mus
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import importlib
+import json
 import os
 import random
 import socket
@@ -73,12 +76,16 @@ def small_batch():
     return (x, x.sum(-1))
 
 
+def tiny_gpt_config(**moe_changes) -> GPTConfig:
+    moe = MoEConfig(**{**dict(router="threshold", threshold=0.6, ffn_hidden_size=8,
+                              drop_tokens=False), **moe_changes})
+    return GPTConfig(num_layers=2, hidden_size=16, num_attention_heads=2, padded_vocab_size=32,
+                     max_position_embeddings=8, ffn_hidden_size=24, num_experts=(4,),
+                     expert_interval=1, hidden_dropout=0.1, attention_dropout=0.1, moe=moe)
+
+
 def tiny_gpt() -> GPTModel:
-    moe = MoEConfig(router="threshold", threshold=0.6, ffn_hidden_size=8, drop_tokens=False)
-    cfg = GPTConfig(num_layers=2, hidden_size=16, num_attention_heads=2, padded_vocab_size=32,
-                    max_position_embeddings=8, ffn_hidden_size=24, num_experts=(4,),
-                    expert_interval=1, hidden_dropout=0.1, attention_dropout=0.1, moe=moe)
-    return GPTModel(cfg)
+    return GPTModel(tiny_gpt_config())
 
 
 def gpt_batch():
@@ -317,3 +324,303 @@ def test_two_ranks_zero1(tmp_path):
     assert sorted(os.listdir(tmp_path / "iter_0000002")) == [
         "mp_rank_00_model_states.pt", "xmoe_checkpoint.json",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# refusing what cannot be loaded, and saves that fail (megatron/checkpoint_check.py)
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def _two_checkpoints(deepspeed, tmp_path, kind="small", args=None):
+    """A run with checkpoints at iterations 1 and 2 in tmp_path (the pointer names 2)."""
+    run = Run(deepspeed, kind, 0, seed=0)
+    for iteration in (1, 2):
+        run.step()
+        save_checkpoint(run.engine, iteration, 4 * iteration, run.sched, args or {}, tmp_path)
+    return run
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_checkpoints_without_pointer_are_refused(deepspeed, tmp_path):
+    """iter_* copied without latest_checkpointed_iteration.txt: one line naming the newest
+    complete checkpoint and the command that resumes it, instead of training from scratch."""
+    _two_checkpoints(deepspeed, tmp_path)
+    (tmp_path / TRACKER_FILENAME).unlink()
+    fresh = Run(deepspeed, "small", 0, seed=1)
+    before = fresh.params()
+    pointer = tmp_path / TRACKER_FILENAME
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(fresh.engine, fresh.sched, str(tmp_path))
+    assert str(e.value) == (
+        f"--load {tmp_path} holds 2 checkpoints (iter_0000001 ... iter_0000002) but no "
+        f"{TRACKER_FILENAME}: to resume from the newest complete one, iter_0000002, run "
+        f"`echo 2 > {pointer}`; to start afresh, move them out of {tmp_path}")
+    assert_same(fresh.params(), before)
+    # the newest is incomplete: the one before it is named
+    _truncate(tmp_path / "iter_0000002" / MODEL_FILE, 100)
+    with pytest.raises(ValueError, match=r"newest complete one, iter_0000001, run `echo 1 > "):
+        load_checkpoint(fresh.engine, fresh.sched, str(tmp_path))
+    _truncate(tmp_path / "iter_0000001" / MODEL_FILE, 0)
+    with pytest.raises(ValueError, match=r"none is complete .*iter_0000002.*is incomplete"):
+        load_checkpoint(fresh.engine, fresh.sched, str(tmp_path))
+    assert not pointer.exists()
+
+
+@pytest.mark.parametrize("size", [0, 1000])
+def test_truncated_model_file_is_named_with_the_newest_intact(deepspeed, tmp_path, size):
+    """A model file cut short (a kill during a save by another tool): the file is named before
+    DeepSpeed's torch.load throws, with the newest intact checkpoint and how to use it."""
+    _two_checkpoints(deepspeed, tmp_path)
+    path = tmp_path / "iter_0000002" / MODEL_FILE
+    _truncate(path, size)
+    fresh = Run(deepspeed, "small", 0, seed=1)
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(fresh.engine, fresh.sched, str(tmp_path))
+    message = str(e.value)
+    assert message.startswith(f"{path} is incomplete ("), message
+    assert message.endswith(f"the newest intact checkpoint in {tmp_path} is iter_0000001: to "
+                            f"resume from it, run `echo 1 > {tmp_path / TRACKER_FILENAME}`")
+    _truncate(tmp_path / "iter_0000001" / MODEL_FILE, 10)
+    with pytest.raises(ValueError, match=f"no intact checkpoint in {tmp_path}$"):
+        load_checkpoint(fresh.engine, fresh.sched, str(tmp_path))
+
+
+def test_model_flags_that_differ_from_the_checkpoint_are_named(deepspeed, tmp_path, caplog):
+    """Every model-shaping flag that differs is named with both values, in one line, before
+    DeepSpeed's load (which would print one `size mismatch` per tensor); routing settings that
+    do not change the parameters (--threshold) may differ."""
+    saved = dataclasses.asdict(tiny_gpt_config())
+    _two_checkpoints(deepspeed, tmp_path, "gpt", {"model": saved, "seed": 1})
+    other = dataclasses.replace(tiny_gpt_config(ffn_hidden_size=16), num_experts=(8,),
+                                num_layers=3)
+    fresh = Run(deepspeed, "gpt", 0, seed=1)
+    before = fresh.params()
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(fresh.engine, fresh.sched, str(tmp_path),
+                        model_args=dataclasses.asdict(other))
+    assert str(e.value) == (
+        f"--load {tmp_path / 'iter_0000002'} was saved with other model flags: --num-layers 2 "
+        "(this run: 3), --num-experts 4 (this run: 8), --moe-ffn-hidden-size 8 (this run: 16); "
+        "pass the checkpoint's values")
+    assert_same(fresh.params(), before)
+    changed_routing = dataclasses.asdict(tiny_gpt_config(threshold=0.3, router="topk"))
+    with caplog.at_level("WARNING", logger="megatron.checkpoint_check"):
+        assert load_checkpoint(fresh.engine, fresh.sched, str(tmp_path),
+                               model_args=changed_routing) == (2, 8)
+    assert f"{tmp_path / 'iter_0000002'} was trained with --use-threshold (this run: " \
+           "--use-topk)" in caplog.text
+    # a checkpoint whose layout file predates the saved model flags: read from the model file
+    layout = tmp_path / "iter_0000002" / "xmoe_checkpoint.json"
+    layout.write_text('{"version": 1, "expert_parallel_size": 1, "weights_only": false}\n')
+    with pytest.raises(ValueError, match=r"--num-experts 4 \(this run: 8\)"):
+        load_checkpoint(fresh.engine, fresh.sched, str(tmp_path),
+                        model_args=dataclasses.asdict(other))
+
+
+def test_model_differences_follow_the_parameters():
+    """Placement (--num-experts 4 == 4 4 on two MoE layers), dense-only flags on MoE-only
+    models, the hash router's table, routing settings reported apart."""
+    from megatron.checkpoint_args import model_differences
+
+    def model(**changes):
+        moe = changes.pop("moe", {})
+        cfg = dataclasses.replace(tiny_gpt_config(**moe), **changes)
+        return json.loads(json.dumps(dataclasses.asdict(cfg)))    # as read from the layout file
+
+    base = model()
+    assert model_differences(base, model(num_experts=(4, 4))) == ([], [])
+    assert model_differences(base, model(ffn_hidden_size=48)) == ([], [])   # no dense layer
+    assert model_differences(base, model(expert_interval=2)) == (
+        ["--expert-interval 1 (this run: 2)"], [])
+    assert model_differences(base, model(moe={"router": "hash", "vocab_size": 32}))[0] == [
+        "--use-threshold (this run: --use-hash-layer)"]
+    assert model_differences(base, model(moe={"threshold": 0.9})) == (
+        [], ["--threshold 0.6 (this run: 0.9)"])
+    assert model_differences(base, model(max_position_embeddings=16, padded_vocab_size=64))[0] \
+        == ["--max-position-embeddings 8 (this run: 16; it defaults to --seq-length)",
+            "padded vocabulary size 32 (this run: 64; set by --vocab-file and "
+            "--make-vocab-size-divisible-by)"]
+    dense = model(num_experts=(1,))
+    assert model_differences(dense, model(num_experts=(1,), expert_interval=2,
+                                          moe={"ffn_hidden_size": 99})) == ([], [])
+    assert model_differences(dense, base)[0] == ["--num-experts 1 (this run: 4)"]
+    older = {k: v for k, v in base.items() if k != "num_attention_heads"}
+    assert model_differences(older, model(num_attention_heads=4)) == ([], [])
+    # The GeLU form computes another function with the same tensors: refused. A saved model
+    # without the field predates it and used exact erf (--no-bias-gelu-fusion).
+    assert base["activation"] == "gelu_tanh"
+    assert model_differences(base, model(activation="gelu"))[0] == [
+        "the default GeLU (tanh, bias-gelu fusion) (this run: --no-bias-gelu-fusion (exact erf "
+        "GeLU))"]
+    pre_gelu_field = {k: v for k, v in base.items() if k != "activation"}
+    assert model_differences(pre_gelu_field, model(activation="gelu")) == ([], [])
+    assert model_differences(pre_gelu_field, base)[0] == [
+        "--no-bias-gelu-fusion (exact erf GeLU) (this run: the default GeLU (tanh, bias-gelu "
+        "fusion))"]
+
+
+_TORCH_WRITE_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("failure", ["torch_writer", "layout", "pointer"])
+def test_save_without_space_is_one_line_and_keeps_the_last_checkpoint(
+        deepspeed, tmp_path, monkeypatch, failure):
+    """ENOSPC while saving: torch's writer (which reports it as `enforce fail at
+    inline_container.cc`), our layout file, or the pointer. One line names the iteration and
+    the directory; the partial tmp_iter_* is removed; the last checkpoint and pointer stay."""
+    from megatron import checkpoint_check, expert_checkpoint
+    from megatron.checkpoint_check import CheckpointWriteError
+
+    run = Run(deepspeed, "small", 0, seed=0)
+    run.step()
+    save_checkpoint(run.engine, 1, 4, run.sched, {}, tmp_path)
+    good = run.params()
+    run.step()
+    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        if failure == "torch_writer":         # a file half written, then torch's RuntimeError
+            real_save = run.engine.save_checkpoint
+
+            def full_disk(save_dir, tag, **kwargs):
+                real_save(save_dir, tag=tag, **kwargs)
+                _truncate(os.path.join(save_dir, tag, MODEL_FILE), 300)
+                raise RuntimeError(_TORCH_WRITE_ERROR)
+            m.setattr(run.engine, "save_checkpoint", full_disk)
+            m.setattr(checkpoint_check, "free_bytes", lambda path: 0)
+        elif failure == "layout":
+            def no_layout(*args, **kwargs):
+                raise no_space
+            m.setattr(checkpointing, "write_layout", no_layout)
+            m.setattr(expert_checkpoint, "write_layout", no_layout)
+        else:
+            real_replace = os.replace
+
+            def pointer_fails(src, dst, *args, **kwargs):
+                if os.path.basename(src).startswith(TRACKER_FILENAME):
+                    raise no_space
+                return real_replace(src, dst, *args, **kwargs)
+            m.setattr(os, "replace", pointer_fails)
+        with pytest.raises(CheckpointWriteError) as e:
+            save_checkpoint(run.engine, 2, 8, run.sched, {}, str(tmp_path))
+    assert str(e.value) == f"no space left on device while saving iteration 2 to {tmp_path}"
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", TRACKER_FILENAME]
+    assert (tmp_path / TRACKER_FILENAME).read_text() == "1\n"
+    fresh = Run(deepspeed, "small", 0, seed=1)
+    assert load_checkpoint(fresh.engine, fresh.sched, tmp_path) == (1, 4)
+    assert_same(fresh.params(), good)
+
+
+def test_a_failed_re_save_of_the_pointed_iteration_keeps_the_old_copy(deepspeed, tmp_path,
+                                                                      monkeypatch):
+    from megatron.checkpoint_check import CheckpointWriteError
+
+    run = Run(deepspeed, "small", 0, seed=0)
+    run.step()
+    save_checkpoint(run.engine, 1, 4, run.sched, {}, tmp_path)
+    good = run.params()
+    run.step()
+    real_replace = os.replace
+
+    def pointer_fails(src, dst, *args, **kwargs):
+        if os.path.basename(src).startswith(TRACKER_FILENAME):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real_replace(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", pointer_fails)
+    with pytest.raises(CheckpointWriteError, match="^disk quota exceeded while saving "
+                                                   "iteration 1 to "):
+        save_checkpoint(run.engine, 1, 4, run.sched, {}, str(tmp_path))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", TRACKER_FILENAME]
+    fresh = Run(deepspeed, "small", 0, seed=1)
+    assert load_checkpoint(fresh.engine, fresh.sched, tmp_path) == (1, 4)
+    assert_same(fresh.params(), good)
+
+
+def test_save_dir_of_another_run_is_refused(deepspeed, tmp_path):
+    """--save DIR holding checkpoints this run did not load, or newer than the iteration it
+    starts from, is refused before training (a save would overwrite them or move the pointer);
+    a directory this run owns has its stale tmp_iter_* removed."""
+    from megatron.checkpointing import prepare_save_dir
+
+    ckpt = tmp_path / "ckpt"
+    _two_checkpoints(deepspeed, ckpt)
+    prepare_save_dir(str(tmp_path / "new"), load_dir=None, loaded_iteration=None)  # absent: fine
+    with pytest.raises(ValueError) as e:
+        prepare_save_dir(str(ckpt), load_dir=None, loaded_iteration=None)
+    assert str(e.value) == (
+        f"--save {ckpt} already holds checkpoints this run did not load (iter_0000001 ... "
+        f"iter_0000002): pass --load {ckpt} to resume from them, or give --save an empty "
+        "directory")
+    with pytest.raises(ValueError, match="this run did not load"):
+        prepare_save_dir(str(ckpt), load_dir=str(tmp_path / "elsewhere"), loaded_iteration=None)
+    with pytest.raises(ValueError) as e:        # --finetune from the newest: starts at 0
+        prepare_save_dir(str(ckpt), load_dir=str(ckpt), loaded_iteration=0)
+    assert str(e.value) == (
+        f"--save {ckpt} holds iter_0000001 ... iter_0000002, newer than iteration 0 this run "
+        f"starts from: a save would overwrite them; move them out of {ckpt}")
+    (ckpt / TRACKER_FILENAME).write_text("1\n")     # rolled back to 1 by hand
+    with pytest.raises(ValueError) as e:
+        prepare_save_dir(str(ckpt), load_dir=str(ckpt), loaded_iteration=1)
+    assert str(e.value) == (
+        f"--save {ckpt} holds iter_0000002, newer than iteration 1 this run starts from: a save "
+        f"would overwrite it; move it out of {ckpt} (or resume from the newest with `echo 2 > "
+        f"{ckpt / TRACKER_FILENAME}`)")
+    (ckpt / TRACKER_FILENAME).write_text("2\n")
+    (ckpt / "tmp_iter_0000003").mkdir()
+    (ckpt / "tmp_iter_0000003" / MODEL_FILE).write_bytes(b"PK")
+    prepare_save_dir(str(ckpt), load_dir=str(ckpt) + "/", loaded_iteration=2)
+    assert sorted(os.listdir(ckpt)) == ["iter_0000001", "iter_0000002", TRACKER_FILENAME]
+    (tmp_path / "debris" / "tmp_iter_0000001").mkdir(parents=True)   # no checkpoint: fresh
+    prepare_save_dir(str(tmp_path / "debris"), load_dir=None, loaded_iteration=None)
+    assert os.listdir(tmp_path / "debris") == []
+
+
+def test_saved_layout_records_the_model_flags(deepspeed, tmp_path):
+    model = dataclasses.asdict(tiny_gpt_config())
+    run = Run(deepspeed, "gpt", 0, seed=0)
+    run.step()
+    path = save_checkpoint(run.engine, 1, 4, run.sched, {"model": model}, tmp_path)
+    layout = json.loads((tmp_path / "iter_0000001" / "xmoe_checkpoint.json").read_text())
+    assert layout["model"] == json.loads(json.dumps(model))
+    assert path == str(tmp_path / "iter_0000001")
+
+
+def _refusing_worker(rank: int, port: int, root: str) -> None:
+    """Rank 0 looks at a directory of unpointed checkpoints, rank 1 at an empty one: both must
+    raise rank 0's error (rank 1 would otherwise go on and wait in the next collective)."""
+    import datetime
+
+    from megatron.checkpointing import prepare_save_dir
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    directory = os.path.join(root, "ckpt" if rank == 0 else "empty")
+    messages = []
+    for call in (lambda: load_checkpoint(None, None, directory),
+                 lambda: prepare_save_dir(directory, None, None)):
+        try:
+            call()
+            messages.append("no error")
+        except ValueError as e:
+            messages.append(str(e))
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(messages))
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_raises_rank_0s_verdict(tmp_path):
+    (tmp_path / "ckpt" / "iter_0000003").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    torch.save({}, tmp_path / "ckpt" / "iter_0000003" / MODEL_FILE)
+    torch.multiprocessing.spawn(_refusing_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    assert rank0 == rank1
+    assert rank0[0].startswith(f"--load {tmp_path / 'ckpt'} holds 1 checkpoint (iter_0000003) "
+                               "but no ")
+    assert rank0[1].startswith(f"--save {tmp_path / 'ckpt'} already holds checkpoints")
