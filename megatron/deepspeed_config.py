@@ -1,4 +1,5 @@
-"""DeepSpeed's JSON config: read it, cross-check it with the Megatron flags, or build it.
+"""DeepSpeed's JSON config: read it, cross-check it with the Megatron flags, adapt a user's JSON
+to the engine (legacy sections DeepSpeed refuses), or build it.
 
 Part of the command-line layer (`megatron/arguments.py` calls `check_deepspeed_args` from
 `validate_args`); the training code only receives the dict from `deepspeed_config_dict`.
@@ -15,6 +16,25 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from megatron.arguments import RunConfig
 
+# Top-level sections DeepSpeed refuses since it removed their features (0.19.8's
+# deepspeed/runtime/config.py, _REMOVED_TOP_LEVEL_CONFIG_KEYS; deepspeedai/DeepSpeed#8489),
+# each with what this trainer does instead. Megatron-DeepSpeed's templates wrote some of them
+# switched off (examples_deepspeed/MoE: "curriculum_learning": {"enabled": false, ...}): such a
+# section is dropped before DeepSpeed sees it; one that asks for its feature is refused.
+LEGACY_SECTIONS = {
+    "curriculum_learning": "every sample has --seq-length tokens from the first step",
+    "progressive_layer_drop": "every layer runs at every step",
+    "elasticity": "the batch is fixed by --global-batch-size and --micro-batch-size",
+    "amp": "mixed precision comes from --fp16 or --bf16",
+    "nebula": "checkpoints are written to --save",
+    "compression_training": "the model trains unquantized and unpruned",
+    "quantize_training": "the model trains unquantized",
+    "eigenvalue": "the model trains unquantized",
+    "sparse_attention": "attention is dense",
+    "sparse_gradients": "gradients are reduced dense",
+    "graph_harvesting": "graph capture comes from --compile or --moe-routing-cuda-graphs",
+}
+_ON_WHEN_PRESENT = ("sparse_attention",)      # had no "enabled" switch
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -64,8 +84,7 @@ def check_deepspeed_args(args: argparse.Namespace, world_size: int) -> int:
     if args.zero_stage is not None and args.zero_stage != json_stage:
         raise ValueError(f"{where}: zero_optimization.stage {json_stage} does not match "
                          f"--zero-stage {args.zero_stage}")
-    if _section(config, "curriculum_learning", where).get("enabled") is True:
-        raise ValueError(f"{where}: curriculum_learning is not supported")
+    _check_legacy_sections(config, where)
     for key in ("optimizer", "scheduler"):
         if key in config:
             raise ValueError(f"{where}: an {key!r} section is not supported; the optimizer and "
@@ -80,6 +99,35 @@ def _section(config: dict, key: str, where: str) -> dict:
     return value
 
 
+def _check_legacy_sections(config: dict, where: str) -> None:
+    """ValueError for a LEGACY_SECTIONS entry that asks for its feature."""
+    for key, instead in LEGACY_SECTIONS.items():
+        if key in config and _switched_on(key, config[key]):
+            raise ValueError(f'{where}: "{key}" is switched on: not supported (DeepSpeed removed '
+                             f'it, deepspeedai/DeepSpeed#8489); instead {instead}. Switch it '
+                             'off or remove it')
+
+
+def _switched_on(key: str, value: object) -> bool:
+    """Whether a legacy section asks for its feature: `true`, an object whose "enabled" (at any
+    depth: compression_training has one per technique) is set, or a non-empty sparse_attention.
+    Off: false, null, {}, or objects whose every "enabled" is false or absent (DeepSpeed's
+    defaults for these were off)."""
+    if value in (None, False, {}):
+        return False
+    if not isinstance(value, dict):
+        return True
+    if key in _ON_WHEN_PRESENT:
+        return True
+    return _enabled_anywhere(value)
+
+
+def _enabled_anywhere(section: dict) -> bool:
+    if section.get("enabled", False) not in (False, None):
+        return True
+    return any(_enabled_anywhere(v) for v in section.values() if isinstance(v, dict))
+
+
 def _check_zero_stage(stage: object, what: str) -> None:
     if stage == 3:
         raise ValueError(f"{what} 3 (ZeRO-3) is not supported (0, 1 or 2)")
@@ -89,8 +137,9 @@ def _check_zero_stage(stage: object, what: str) -> None:
 
 def deepspeed_config_dict(run: RunConfig) -> dict:
     """The DeepSpeed config for `run`: --deepspeed_config's JSON (already cross-checked by
-    validate_args) with the batch and clipping keys it leaves out filled in, or, without one, a
-    config built from the flags so that the engine and our own loop agree."""
+    validate_args) with the batch and clipping keys it leaves out filled in and adapted to the
+    engine (`_adapt_for_engine`), or, without one, a config built from the flags so that the
+    engine and our own loop agree."""
     t = run.training
     built = {
         "train_batch_size": t.global_batch_size,
@@ -117,4 +166,32 @@ def deepspeed_config_dict(run: RunConfig) -> dict:
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
                 "gradient_accumulation_steps", "gradient_clipping"):
         config.setdefault(key, built[key])
+    _adapt_for_engine(config, t.deepspeed_config)
     return config
+
+
+def _adapt_for_engine(config: dict, path: str) -> None:
+    """Make a user's (validated) JSON one DeepSpeed 0.19.8 runs with this trainer, in place, and
+    say what changed in one line on rank 0:
+    - switched-off LEGACY_SECTIONS are left out (DeepSpeed refuses the key whatever its value);
+    - wall_clock_breakdown true (Megatron-DeepSpeed's templates) is turned off: the engine
+      starts its backward timers from hooks on the forward's output tensors, and the model
+      returns a GPTOutput, which it does not look into, so the first backward fails
+      ("timer is not started"). The log lines give the time per iteration.
+    """
+    notes = []
+    dropped = [key for key in LEGACY_SECTIONS if key in config]
+    if dropped:
+        for key in dropped:
+            del config[key]
+        names = ", ".join(f'"{key}"' for key in dropped)
+        notes.append(f"left out the switched-off legacy section(s) {names}, which DeepSpeed no "
+                     "longer accepts (deepspeedai/DeepSpeed#8489)")
+    if config.get("wall_clock_breakdown"):
+        config["wall_clock_breakdown"] = False
+        notes.append("turned off wall_clock_breakdown (DeepSpeed's timers do not see this "
+                     "trainer's forward; the log lines give the time per iteration)")
+    if notes:
+        from megatron.initialize import print_rank_0  # torch: only where the engine is built
+
+        print_rank_0(f"--deepspeed_config {path}: {'; '.join(notes)}")

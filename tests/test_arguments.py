@@ -408,6 +408,62 @@ def test_deepspeed_unsupported_sections(files):
     rejects(_with_ds(files, config), "optimizer", "not supported", world_size=WORLD)
 
 
+def test_deepspeed_fork_config_reaches_deepspeed_without_its_legacy_section(files, capsys):
+    """The fork's JSON (fp16 and bf16 sections, a switched-off curriculum_learning,
+    prescale_gradients, wall_clock_breakdown, ZeRO's elastic_checkpoint): DeepSpeed 0.19.8
+    refuses any top-level curriculum_learning, so the dict the engine receives leaves it out, and
+    one line says so."""
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    capsys.readouterr()                             # DeepSpeed's import-time warning
+    ds = deepspeed_config_dict(configs(_with_ds(files, XMOE_DS_CONFIG), world_size=1))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "curriculum_learning" in out[0] and "ds_test.json" in out[0], out
+    assert ds == {k: v for k, v in XMOE_DS_CONFIG.items() if k != "curriculum_learning"} | \
+        {"gradient_accumulation_steps": 16}
+    parsed = ds_config.DeepSpeedConfig(ds)          # DeepSpeed's own parser accepts it
+    assert parsed.float16_config.enabled and not parsed.bfloat16_config.enabled
+    assert parsed.prescale_gradients and parsed.zero_optimization_stage == 0
+    # the template's other precision, bf16 on and fp16 off; Megatron-DeepSpeed's timers on
+    config = {**XMOE_DS_CONFIG, "fp16": {**XMOE_DS_CONFIG["fp16"], "enabled": False},
+              "bf16": {"enabled": True}, "wall_clock_breakdown": True}
+    argv = [a for a in _with_ds(files, config, "--bf16") if a != "--fp16"]
+    ds = deepspeed_config_dict(configs(argv, world_size=1))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "curriculum_learning" in out[0] and "wall_clock_breakdown" in out[0]
+    assert ds["wall_clock_breakdown"] is False
+    parsed = ds_config.DeepSpeedConfig(ds)
+    assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
+
+
+def _legacy_forms(key: str) -> tuple[object, object]:
+    """(switched off, switched on) forms of DeepSpeed's removed top-level section `key`."""
+    if key in ("sparse_gradients", "graph_harvesting"):
+        return False, True
+    if key == "sparse_attention":               # had no switch: present means on
+        return {}, {"mode": "fixed"}
+    if key == "compression_training":           # one switch per technique
+        return ({"weight_quantization": {"shared_parameters": {"enabled": False}}},
+                {"weight_quantization": {"shared_parameters": {"enabled": True}}})
+    return {"enabled": False, "x": 1}, {"enabled": True}
+
+
+def test_deepspeed_removed_top_level_sections(files, capsys):
+    """Every top-level section DeepSpeed refuses since it removed the feature: switched off ->
+    dropped with one line; switched on -> one line naming it and what runs instead."""
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    removed = ds_config._REMOVED_TOP_LEVEL_CONFIG_KEYS
+    assert "curriculum_learning" in removed
+    for key in removed:
+        off, on = _legacy_forms(key)
+        ds = deepspeed_config_dict(configs(_with_ds(files, {**XMOE_DS_CONFIG, key: off})))
+        assert key not in ds, key
+        ds_config.DeepSpeedConfig(ds)
+        assert key in capsys.readouterr().out
+        message = rejects(_with_ds(files, {**XMOE_DS_CONFIG, key: on}), f'"{key}"',
+                          "not supported")
+        assert "\n" not in message and "instead" in message
+
+
 def test_deepspeed_config_file_errors(files):
     missing = str(files["dir"] / "absent.json")
     argv = xmoe_argv({**files, "ds": missing})

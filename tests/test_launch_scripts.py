@@ -1,37 +1,41 @@
 """examples_deepspeed/MoE launch scripts: with DRY_RUN=1 each prints a command line that the real
 `deepspeed` / `torchrun` argument parsers accept, whose pretrain_gpt.py arguments pass
 megatron.arguments' validation (cross-checking the sed-filled DeepSpeed JSON) and build the
-configuration the script documents."""
+configuration the script documents. A bad setting stops before launching with one line (the
+check runs here, without torch); RUN_NAME holds the model's shape; a failed launch (fake
+launchers, and one real torchrun run) ends with the run's own error line, not the launcher's
+traceback."""
 
 from __future__ import annotations
 
 import json
 import shlex
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from megatron.arguments import RunConfig, build_configs, parse_args, validate_args
+from tests.tokenizer.gpt2_reference import write_gpt2_files
 
 REPO = Path(__file__).resolve().parents[1]
 MOE_DIR = REPO / "examples_deepspeed" / "MoE"
 SCRIPTS = ("ds_pretrain_gpt_xmoe_small.sh", "ds_pretrain_gpt_topk_small.sh",
            "ds_pretrain_gpt_125M_dense.sh")
 PADDED_VOCAB = 50304
-
+PYTHON_BIN = str(Path(sys.executable).parent)      # python, torchrun, deepspeed of this env
 
 @pytest.fixture
 def paths(tmp_path: Path) -> dict:
-    """Files validate_args checks for: a dataset pair, vocabulary, merges; and an output dir."""
+    """Files validate_args checks for: a dataset pair (empty), a GPT-2-format vocabulary (the
+    256 byte symbols and <|endoftext|>) and merges; and an output dir."""
     data = tmp_path / "data" / "corpus_text_document"
     data.parent.mkdir()
     for ext in (".bin", ".idx"):
         Path(str(data) + ext).write_bytes(b"")
-    vocab, merges = tmp_path / "data" / "vocab.json", tmp_path / "data" / "merges.txt"
-    vocab.write_text("{}")
-    merges.write_text("#version: 0.2\n")
+    vocab, merges = write_gpt2_files([], tmp_path / "data")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-0 slots=4\nworker-1 slots=4\n")
     return {"DATA_PATH": str(data), "VOCAB_PATH": str(vocab), "MERGE_PATH": str(merges),
@@ -40,9 +44,37 @@ def paths(tmp_path: Path) -> dict:
 
 def dry_run(script: str, paths: dict, **env: str) -> subprocess.CompletedProcess:
     full_env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "DRY_RUN": "1", "NUM_GPUS": "4",
-                "NUM_NODES": "1", **{k: v for k, v in paths.items() if k.isupper()}, **env}
+                "NUM_NODES": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                **{k: v for k, v in paths.items() if k.isupper()}, **env}
     return subprocess.run(["bash", str(MOE_DIR / script)], env=full_env, capture_output=True,
                           text=True, timeout=60)
+
+
+def launch(script: str, paths: dict, bin_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """A real run (no DRY_RUN) with `bin_dir` first on PATH; stderr merged into stdout, so the
+    last line of stdout is the last line a user sees."""
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": "/tmp", "NUM_GPUS": "4",
+                "NUM_NODES": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                **{k: v for k, v in paths.items() if k.isupper()}, **env}
+    return subprocess.run(["bash", str(MOE_DIR / script)], env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+def fake_launcher(tmp_path: Path, name: str, body: str) -> Path:
+    """A directory holding an executable `name` that runs the bash `body` (and records its
+    arguments in calls.txt next to it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / name
+    path.write_text(f'#!/bin/bash\necho "$@" >> "{bin_dir}/calls.txt"\n{body}\n')
+    path.chmod(0o755)
+    return bin_dir
+
+
+def the_log(paths: dict) -> Path:
+    logs = list((Path(paths["OUTPUT_DIR"]) / "log").iterdir())
+    assert len(logs) == 1, logs
+    return logs[0]
 
 
 def split_command(stdout: str) -> tuple[list[str], list[str]]:
@@ -260,3 +292,149 @@ def test_compile_setting(paths, compile_env, flags):
                                                             ["--moe-routing-cuda-graphs"]))
     assert run.model.moe.routing_cuda_graphs == (flags == ["--moe-routing-cuda-graphs"])
     assert (run.training.compile is not None) == (flags == ["--compile"])
+
+
+# ----------------------------------------------------------------------------------------------
+# RUN_NAME: the model's shape, so a changed shape never resumes another shape's checkpoint
+
+SHAPE_SETTINGS = {"NUM_LAYERS": "24", "HIDDEN_SIZE": "384", "NUM_ATTN_HEADS": "6",
+                  "FFN_HIDDEN_SIZE": "1536", "SEQ_LEN": "2048"}
+MOE_SHAPE_SETTINGS = {"NUM_EXPERTS": "32", "MOE_FFN_HIDDEN_SIZE": "768", "EXPERT_INTERVAL": "3"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_run_name_holds_the_model_shape(script, paths):
+    def checkpoint(**env: str) -> str:
+        r = dry_run(script, paths, **env)
+        assert r.returncode == 0, r.stderr
+        gpt_argv = split_command(r.stdout)[1]
+        return gpt_argv[gpt_argv.index("--save") + 1]
+
+    default = checkpoint()
+    assert all(f"-{part}-" in default for part in ("l12", "h768", "a12", "ffn3072", "s1024"))
+    settings = SHAPE_SETTINGS | ({} if script == SCRIPTS[2] else MOE_SHAPE_SETTINGS)
+    names = {default} | {checkpoint(**{key: value}) for key, value in settings.items()}
+    assert len(names) == len(settings) + 1, names
+
+
+# ----------------------------------------------------------------------------------------------
+# a failed launch ends with the run's own error line, not the launcher's traceback
+
+LAUNCHER_TRACEBACK = """echo 'Traceback (most recent call last):' >&2
+echo '  File "/usr/bin/torchrun", line 8, in <module>' >&2
+echo 'torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ' >&2
+echo '============================================================' >&2
+echo 'pretrain_gpt.py FAILED' >&2"""
+
+
+def test_failed_launch_ends_with_the_first_error_line(paths, tmp_path):
+    bin_dir = fake_launcher(tmp_path, "deepspeed", f"""
+echo "[launcher] starting 4 processes"
+echo "pretrain_gpt.py: error: --data-path: /x/corpus.bin not found" >&2
+echo "worker-1: pretrain_gpt.py: error (rank 1): a later one" >&2
+{LAUNCHER_TRACEBACK}
+exit 3""")
+    r = launch(SCRIPTS[0], paths, bin_dir)
+    assert r.returncode == 3
+    log = the_log(paths)
+    assert r.stdout.splitlines()[-1] == \
+        f"pretrain_gpt.py: error: --data-path: /x/corpus.bin not found (log: {log})"
+    text = log.read_text()
+    assert "ChildFailedError" in text and "[launcher] starting" in text
+    launcher, gpt_argv = split_command(text.splitlines()[0])      # the command comes first
+    assert launcher[0] == "deepspeed" and "--deepspeed_config" in gpt_argv
+    assert (bin_dir / "calls.txt").read_text().split() == launcher[1:] + gpt_argv
+
+
+def test_failed_launch_without_our_error_line_names_the_first_exception(paths, tmp_path):
+    bin_dir = fake_launcher(tmp_path, "torchrun", f"""
+echo "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" >&2
+{LAUNCHER_TRACEBACK}
+exit 1""")
+    r = launch(SCRIPTS[0], paths, bin_dir, LAUNCHER="torchrun")
+    assert r.returncode == 1
+    last = r.stdout.splitlines()[-1]
+    assert "torchrun exited with code 1" in last and str(the_log(paths)) in last
+    assert "torch.OutOfMemoryError: CUDA out of memory" in last
+
+
+def test_successful_launch_logs_and_exits_0(paths, tmp_path):
+    bin_dir = fake_launcher(tmp_path, "deepspeed", 'echo " iteration        1/   60000 |"')
+    r = launch(SCRIPTS[2], paths, bin_dir)
+    assert r.returncode == 0, r.stdout
+    assert "iteration        1/" in the_log(paths).read_text()
+    assert "error" not in r.stdout
+
+
+def test_missing_launcher_is_one_line(paths, tmp_path):
+    r = launch(SCRIPTS[0], paths, tmp_path)           # no deepspeed on this PATH
+    assert r.returncode == 127
+    assert r.stdout.strip().splitlines() == [r.stdout.strip()] and "deepspeed" in r.stdout
+    assert not (Path(paths["OUTPUT_DIR"]) / "log").exists()
+
+
+@pytest.mark.slow
+def test_failed_torchrun_run_ends_with_its_error_line(paths):
+    """A real run that fails inside pretrain_gpt.py (the data files exist, so the check before
+    launching passes, but they are empty): torchrun's ChildFailedError traceback comes after
+    pretrain_gpt.py's line, which the script repeats last."""
+    tiny = {"LAUNCHER": "torchrun", "NUM_GPUS": "1", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",
+            "NUM_ATTN_HEADS": "4", "FFN_HIDDEN_SIZE": "128", "SEQ_LEN": "32", "NUM_EXPERTS": "4",
+            "MOE_FFN_HIDDEN_SIZE": "32", "GLOBAL_BATCH_SIZE": "4", "MICRO_BATCH_SIZE": "4",
+            "NUM_WORKERS": "0", "COMPILE": "none", "PRECISION": "fp32"}
+    r = launch(SCRIPTS[0], paths, Path(PYTHON_BIN), **tiny)
+    assert r.returncode == 1, r.stdout[-3000:]
+    log = the_log(paths)
+    assert "ChildFailedError" in log.read_text()
+    assert r.stdout.splitlines()[-1] == (f"pretrain_gpt.py: error: {paths['DATA_PATH']}.idx: "
+                                         f"truncated header (0 of 34 bytes) (log: {log})")
+
+
+# ----------------------------------------------------------------------------------------------
+# DRY_RUN=1 checks what it can here, without torch or a GPU, and says what it did not check
+
+def test_dry_run_says_what_it_checked_and_what_not(paths):
+    r = dry_run(SCRIPTS[0], paths, NUM_GPUS="8", EP_PARALLEL_SIZE="2")
+    assert r.returncode == 0, r.stderr
+    report = r.stderr
+    assert "8 processes" in report and "--global-batch-size 256" in report
+    assert "--moe-expert-parallel-size 2" in report and paths["DATA_PATH"] in report
+    assert paths["VOCAB_PATH"] in report
+    not_checked = [line for line in report.splitlines() if "not checked" in line]
+    assert len(not_checked) == 1 and "GPU" in not_checked[0] and "NCCL" in not_checked[0]
+    split_command(r.stdout)                           # stdout is still the command alone
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"GLOBAL_BATCH_SIZE": "96"}, "--global-batch-size 96 is not a positive multiple of "
+                                  "--micro-batch-size 16 x data-parallel size 4 (= 64)"),
+    ({"NUM_GPUS": "3"}, "--global-batch-size 256 is not a positive multiple of "
+                        "--micro-batch-size 16 x data-parallel size 3"),
+    ({"EP_PARALLEL_SIZE": "3", "NUM_GPUS": "3", "GLOBAL_BATCH_SIZE": "48"},
+     "--moe-expert-parallel-size 3 must divide --num-experts 64"),
+    ({"EP_PARALLEL_SIZE": "8"}, "--moe-expert-parallel-size 8 must divide the world size "
+                                "(4 processes)"),
+    ({"DATA_PATH": "/nonexistent/corpus"}, "--data-path: /nonexistent/corpus.bin not found"),
+    ({"VOCAB_PATH": "/nonexistent/vocab.json"}, "--vocab-file: /nonexistent/vocab.json not found"),
+    ({"HIDDEN_SIZE": "770"}, "--hidden-size 770 is not divisible by"),
+    ({"MICRO_BATCH_SIZE": "sixteen"}, "argument --micro-batch-size: invalid int value: "
+                                      "'sixteen'"),
+    ({"NUM_NODES": "2", "HOSTFILE": "/nonexistent/hostfile"},
+     "HOSTFILE /nonexistent/hostfile not found"),
+    ({"NUM_NODES": "3", "NUM_GPUS": "2", "GLOBAL_BATCH_SIZE": "96", "HOSTFILE": "hostfile"},
+     "NUM_NODES=3 but HOSTFILE"),
+    ({"NUM_NODES": "2", "NUM_GPUS": "8", "HOSTFILE": "hostfile"}, "slots=4"),
+])
+def test_dry_run_bad_config_is_one_line(paths, env, message):
+    env = {k: paths["hostfile"] if v == "hostfile" else v for k, v in env.items()}
+    r = dry_run(SCRIPTS[0], paths, **env)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_bad_config_stops_a_real_run_before_launching(paths, tmp_path):
+    bin_dir = fake_launcher(tmp_path, "deepspeed", "exit 0")
+    r = launch(SCRIPTS[0], paths, bin_dir, GLOBAL_BATCH_SIZE="96")
+    assert r.returncode == 2 and "--global-batch-size 96" in r.stdout.strip().splitlines()[-1]
+    assert not (bin_dir / "calls.txt").exists()

@@ -13,7 +13,7 @@
 #   DATA_PATH=/data/pile_text_document NUM_GPUS=8 bash ds_pretrain_gpt_topk_small.sh
 #   NUM_NODES=2 HOSTFILE=hostfile bash ds_pretrain_gpt_topk_small.sh          # multi-node
 #   LAUNCHER=torchrun NUM_GPUS=8 bash ds_pretrain_gpt_topk_small.sh
-#   DRY_RUN=1 bash ds_pretrain_gpt_topk_small.sh       # print the command, run nothing
+#   DRY_RUN=1 bash ds_pretrain_gpt_topk_small.sh       # check, print the command, run nothing
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -25,7 +25,8 @@ LAUNCHER=${LAUNCHER:-deepspeed}        # deepspeed | torchrun
 NODE_RANK=${NODE_RANK:-0}              # torchrun with NUM_NODES > 1: this node's rank
 MASTER_ADDR=${MASTER_ADDR:-localhost}  # torchrun with NUM_NODES > 1: node 0's address
 MASTER_PORT=${MASTER_PORT:-29500}
-DRY_RUN=${DRY_RUN:-0}                  # 1: print the command instead of running it
+DRY_RUN=${DRY_RUN:-0}                  # 1: check the settings, print the command, run nothing
+PYTHON=${PYTHON:-python3}              # checks the settings here before launching (no torch)
 DATA_PATH=${DATA_PATH:-${SCRIPT_DIR}/data/my-corpus_text_document}  # PREFIX, or "W1 P1 W2 P2"
 VOCAB_PATH=${VOCAB_PATH:-${SCRIPT_DIR}/data/gpt2-vocab.json}  # dataset/download_vocab.sh
 MERGE_PATH=${MERGE_PATH:-${SCRIPT_DIR}/data/gpt2-merges.txt}
@@ -96,9 +97,12 @@ EVAL_ITERS=${EVAL_ITERS:-10}
 TEST_ITERS=${TEST_ITERS:-100}
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 
-# Names the checkpoint, log, TensorBoard and JSON paths (no timestamp: reruns resume).
-DEFAULT_RUN_NAME="gpt-topk-small-e${NUM_EXPERTS}-f${MOE_FFN_HIDDEN_SIZE}-top${TOPK}"
-DEFAULT_RUN_NAME+="-cap${MOE_TRAIN_CAP_FACTOR}-lr${LR}-gbs${GLOBAL_BATCH_SIZE}-${PRECISION}"
+# Names the checkpoint, log, TensorBoard and JSON paths (no timestamp: reruns resume), so it
+# holds everything that shapes the parameters: a changed shape starts a new checkpoint.
+MODEL_NAME="l${NUM_LAYERS}-h${HIDDEN_SIZE}-a${NUM_ATTN_HEADS}-ffn${FFN_HIDDEN_SIZE}-s${SEQ_LEN}"
+MODEL_NAME+="-e${NUM_EXPERTS}-f${MOE_FFN_HIDDEN_SIZE}-i${EXPERT_INTERVAL}"
+DEFAULT_RUN_NAME="gpt-topk-small-${MODEL_NAME}-top${TOPK}-cap${MOE_TRAIN_CAP_FACTOR}"
+DEFAULT_RUN_NAME+="-lr${LR}-gbs${GLOBAL_BATCH_SIZE}-${PRECISION}"
 RUN_NAME=${RUN_NAME:-${DEFAULT_RUN_NAME}}
 
 MOE_OPTIONS=(

@@ -6,8 +6,14 @@
 #      (batch sizes, ZeRO stage, precision, clipping and loss scaling from the same variables
 #      as the flags, so pretrain_gpt.py's cross-check of the JSON against the flags passes);
 #   2. assembles the pretrain_gpt.py command line;
-#   3. launches it with `deepspeed` (default) or `torchrun` (LAUNCHER=torchrun), logging to
-#      ${OUTPUT_DIR}/log/, or with DRY_RUN=1 prints the shell-quoted command and exits.
+#   3. checks it for NUM_GPUS x NUM_NODES processes, here, without torch or a GPU
+#      (tools/check_pretrain_args.py: pretrain_gpt.py's own validation; a bad setting ends here
+#      with one line and exit code 2);
+#   4. with DRY_RUN=1 prints the shell-quoted command (stdout), what was checked and what was not
+#      (stderr) and exits; otherwise launches it with `deepspeed` (default) or `torchrun`
+#      (LAUNCHER=torchrun), its output also in ${OUTPUT_DIR}/log/. If the run fails, its first
+#      `pretrain_gpt.py: error` line is repeated last (after the launcher's traceback), and the
+#      script exits with the launcher's code.
 
 REPO_DIR="$(cd "${SCRIPT_DIR}/../.." && pwd)"
 
@@ -41,6 +47,24 @@ if [[ "${LAUNCHER}" == deepspeed && "${NUM_NODES}" -gt 1 && -z "${HOSTFILE}" ]];
     echo "NUM_NODES=${NUM_NODES} with the deepspeed launcher needs HOSTFILE" \
          "(see hostfile.example), or use LAUNCHER=torchrun on every node" >&2
     exit 2
+fi
+if [[ "${LAUNCHER}" == deepspeed && -n "${HOSTFILE}" ]]; then
+    # `deepspeed` takes the first NUM_NODES hosts of HOSTFILE and NUM_GPUS slots on each.
+    if [[ ! -f "${HOSTFILE}" ]]; then
+        echo "HOSTFILE ${HOSTFILE} not found" >&2
+        exit 2
+    fi
+    hostfile_problem=$(awk -v nodes="${NUM_NODES}" -v gpus="${NUM_GPUS}" '
+        /^[[:space:]]*(#|$)/ { next }
+        { hosts++; slots = $0; sub(/.*slots=/, "", slots)
+          if (hosts <= nodes && slots + 0 < gpus && !found) {
+              print $1 " has slots=" slots + 0; found = 1 } }
+        END { if (!found && hosts < nodes) print "lists " hosts + 0 " host(s)" }' "${HOSTFILE}")
+    if [[ -n "${hostfile_problem}" ]]; then
+        echo "NUM_NODES=${NUM_NODES} but HOSTFILE ${HOSTFILE}: ${hostfile_problem}" \
+             "(NUM_GPUS=${NUM_GPUS} slots are needed on each of the first ${NUM_NODES} hosts)" >&2
+        exit 2
+    fi
 fi
 
 # Data loading, the JSON and checkpoints are read by every rank: with several nodes OUTPUT_DIR
@@ -135,16 +159,65 @@ else
 fi
 cmd=("${launcher[@]}" "${REPO_DIR}/pretrain_gpt.py" "${gpt_options[@]}")
 
+# pretrain_gpt.py's validation for WORLD_SIZE_TOTAL processes, run here (no torch, no GPU).
+check=("${PYTHON}" "${REPO_DIR}/tools/check_pretrain_args.py" --world-size "${WORLD_SIZE_TOTAL}")
+if [[ "${DRY_RUN}" != 1 ]]; then
+    check+=(--quiet)
+fi
+set +e
+"${check[@]}" -- "${gpt_options[@]}" >&2
+check_status=$?
+set -e
+if [[ "${check_status}" -eq 2 ]]; then
+    exit 2                                  # its one line says what is wrong
+elif [[ "${check_status}" -ne 0 ]]; then
+    echo "could not check the settings: ${PYTHON} tools/check_pretrain_args.py exited with" \
+         "code ${check_status}; set PYTHON to the python of the environment that has xmoe" >&2
+    exit "${check_status}"
+fi
+
 if [[ "${DRY_RUN}" == 1 ]]; then
     printf '%q ' "${cmd[@]}"
     printf '\n'
+    if [[ "${LAUNCHER}" == deepspeed && "${NUM_NODES}" -gt 1 ]]; then
+        nodes="ssh (pdsh) to the hosts of ${HOSTFILE} and the same paths on each"
+    elif [[ "${NUM_NODES}" -gt 1 ]]; then
+        nodes="reaching MASTER_ADDR=${MASTER_ADDR}:${MASTER_PORT} and the same paths on every node"
+    else
+        nodes="MASTER_PORT=${MASTER_PORT} free"
+    fi
+    echo "not checked: ${NUM_GPUS} GPU(s) on each of the ${NUM_NODES} node(s) and their memory," \
+         "CUDA and NCCL, the ${LAUNCHER} launcher and torch/deepspeed on the nodes, ${nodes}," \
+         "the data files' contents" >&2
     exit 0
 fi
 
+if ! command -v "${launcher[0]}" > /dev/null; then
+    echo "${launcher[0]} not found on PATH (LAUNCHER=${LAUNCHER}): activate the environment" \
+         "that has xmoe, torch and deepspeed installed" >&2
+    exit 127
+fi
 mkdir -p "${OUTPUT_DIR}/log" "${TENSORBOARD_DIR}"
 echo "${RUN_NAME}: ${WORLD_SIZE_TOTAL} processes (${NUM_NODES} node(s) x ${NUM_GPUS})," \
      "log ${LOG_FILE}"
 printf '%q ' "${cmd[@]}" | tee "${LOG_FILE}"
 printf '\n' | tee -a "${LOG_FILE}"
 cd "${REPO_DIR}"
+set +e
 "${cmd[@]}" 2>&1 | tee -a "${LOG_FILE}"
+launcher_status=${PIPESTATUS[0]}
+set -e
+if [[ "${launcher_status}" -ne 0 ]]; then
+    # The launchers end a failed run with their own traceback (torchrun's ChildFailedError):
+    # repeat the run's first error line last, where it is seen. Lines may carry a host prefix.
+    first_error=$(grep -m 1 -o 'pretrain_gpt\.py: error.*' "${LOG_FILE}" || true)
+    if [[ -n "${first_error}" ]]; then
+        echo "${first_error} (log: ${LOG_FILE})" >&2
+    else
+        exception=$(grep -m 1 -o -E '[A-Za-z_][A-Za-z0-9_.]*(Error|Exception): .*' \
+                    "${LOG_FILE}" || true)
+        echo "${RUN_NAME}: ${launcher[0]} exited with code ${launcher_status}" \
+             "${exception:+(first error: ${exception}) }(log: ${LOG_FILE})" >&2
+    fi
+    exit "${launcher_status}"
+fi
