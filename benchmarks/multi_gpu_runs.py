@@ -164,7 +164,7 @@ def build_data(opts: argparse.Namespace) -> Tuple[str, str, str]:
     args = argparse.Namespace(out_dir=str(out_dir), seed=1234, **DATA[size],
                               workers=min(8, os.cpu_count() or 1))
     start = time.time()
-    prefix, vocab, merges = demo.build_dataset(args)
+    prefix, vocab, merges = demo.build_dataset(args, demo.child_env()[0])
     ready.write_text(json.dumps({"prefix": prefix, "vocab": vocab, "merges": merges}))
     print(f"== data: built in {time.time() - start:.0f} s: {prefix}")
     return prefix, vocab, merges
