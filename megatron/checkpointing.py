@@ -29,7 +29,6 @@ saving iteration N to DIR"); the pointer and the checkpoint it names are untouch
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -42,6 +41,7 @@ from megatron.checkpoint_check import (  # noqa: F401  (checkpoint_tag, tracker_
     check_unpointed, checkpoint_tag, remove_stale_saves, tracker_path, write_failure)
 from megatron.expert_checkpoint import (check_layout, load_expert_shard, save_expert_shard,
                                         write_layout)
+from megatron.fileio import atomic_write
 from megatron.random_state import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -137,18 +137,10 @@ def publish_checkpoint_dir(save_dir: str, tmp_tag: str, tag: str, iteration: int
 
 
 def _write_pointer(save_dir: str, iteration: int) -> None:
-    """Replace the pointer atomically (temporary file + fsync + os.replace)."""
-    pointer, pointer_tmp = tracker_path(save_dir), tracker_path(save_dir) + ".tmp"
-    try:
-        with open(pointer_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, pointer)
-    except Exception:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pointer_tmp)
-        raise
+    """Replace the pointer atomically (fileio.atomic_write: temporary file, fsync, os.replace;
+    the temporary is removed when the write fails)."""
+    with atomic_write(tracker_path(save_dir), "w") as f:
+        f.write(f"{iteration}\n")
 
 
 def save_checkpoint(engine: Any, iteration: int, consumed_samples: int, lr_scheduler: Any,
