@@ -26,12 +26,15 @@ Decisions (see each flag's help):
   MoE layer's experts are split E / N per rank over DeepSpeed's expert-parallel groups.
 - GeLU (dense MLPs and experts alike): Megatron's default fused bias + tanh GeLU;
   --no-bias-gelu-fusion, --openai-gelu and --onnx-safe as in Megatron (run_config.gelu_form).
+- --use-checkpoint-args (Megatron's): model flags from the checkpoint --load names, explicit
+  routing flags overriding them (run_config.apply_checkpoint_args says what is taken).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional
 
 from megatron.config import EXPERT_GEMMS, MOE_KERNELS, moe_layer_numbers
@@ -39,7 +42,7 @@ from megatron.data.dataset_split import parse_data_path, parse_split
 from megatron.deepspeed_config import (  # noqa: F401  (re-exported for the entry point)
     check_deepspeed_args, deepspeed_config_dict, read_deepspeed_config)
 from megatron.run_config import (  # noqa: F401  (re-exported: the entry point's API)
-    DEFAULT_THRESHOLD, RunConfig, build_configs, build_data_config)
+    DEFAULT_THRESHOLD, RunConfig, apply_checkpoint_args, build_configs, build_data_config)
 
 ROUTER_FLAGS = (("use_threshold", "--use-threshold", "threshold"),
                 ("use_topk", "--use-topk", "topk"),
@@ -56,12 +59,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     Only syntax is checked here (argparse exits on an unknown flag or a bad number);
     `validate_args` checks meaning.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    args.explicit_flags = _explicit_dests(argv)
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="GPT pretraining with XMoE layers",
                                      allow_abbrev=False)
     for add_group in (_add_model_args, _add_moe_args, _add_training_args, _add_optimizer_args,
                       _add_data_args, _add_checkpoint_logging_args, _add_distributed_args):
         add_group(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def _explicit_dests(argv: list[str]) -> frozenset:
+    """The dests of the flags present in `argv` (--use-checkpoint-args lets them win over the
+    checkpoint's): argv parsed again with every default suppressed, so that only given flags
+    land in the namespace (whatever their spelling: `--flag=v`, aliases)."""
+    parser = _parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +264,11 @@ def _add_checkpoint_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="Take the model flags (shape, GeLU form, router and its settings) from "
+                        "the checkpoint --load names; routing flags given here (--threshold, "
+                        "--topk, --moe-eval-capacity-factor, ...) override its values; "
+                        "flags given here that shape the model must equal its values.")
     g.add_argument("--save-interval", type=int, default=None)
     for flag in ("--no-save-optim", "--no-save-rng", "--no-load-optim", "--no-load-rng",
                  "--finetune"):
@@ -286,6 +311,8 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Raise ValueError naming the flag for anything unbuilt or inconsistent.
 
+    With --use-checkpoint-args it first fills the model flags not given from the checkpoint
+    (megatron/run_config.apply_checkpoint_args), so the merged values are what is validated.
     On success it fills Megatron's derived defaults on `args` (--global-batch-size: micro batch
     x data-parallel size; --max-position-embeddings: --seq-length) and records what
     build_configs needs: world_size, data_parallel_size (= world_size: no tensor or pipeline
@@ -293,6 +320,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
+    apply_checkpoint_args(args)     # --use-checkpoint-args: before anything is checked
     _check_not_supported(args)
     _check_model(args)
     _check_expert_parallel(args, world_size)

@@ -6,13 +6,17 @@ are lists). Two kinds of difference:
 - shape: flags that change which parameters exist or their shapes (or, for
   --num-attention-heads, how the same tensors are read): loading would fail in DeepSpeed with one
   `size mismatch` per tensor, or silently compute another model. Refused by the caller.
-- routing: the router kind among the gated routers, --threshold, --topk. They keep every
-  parameter's shape, and evaluating or fine-tuning a checkpoint under other routing is a
-  legitimate experiment, so they are only reported. Capacity factors, dropout and dtype are
+- routing: OVERRIDABLE_ROUTING (megatron/config.py, the one list of them): the router kind
+  among the gated routers (threshold / top-k / switch), --threshold, --threshold-max-experts,
+  --topk, --moe-eval-capacity-factor, --moe-min-capacity, --disable-moe-token-dropping. They
+  keep every parameter's shape, and evaluating or fine-tuning a checkpoint under other routing
+  (another threshold, another capacity) is a legitimate experiment, so they are only reported.
+  The same list is what --use-checkpoint-args lets an explicit flag override
+  (megatron/run_config.py). The training capacity factor, dropout and dtype are run settings:
   not compared.
-- the GeLU form (GPTConfig.activation) is refused like a shape: the same tensors would compute
-  another function. Checkpoints saved before the field existed used exact erf GeLU, so a saved
-  model without it counts as "gelu" (--no-bias-gelu-fusion).
+- the GeLU form (GPTConfig.activation) and --layernorm-epsilon are refused like a shape: the
+  same tensors would compute another function. Checkpoints saved before the GeLU field existed
+  used exact erf GeLU, so a saved model without it counts as "gelu" (--no-bias-gelu-fusion).
 
 Layers that are dense or MoE follow Megatron-DeepSpeed's placement (megatron.config), so e.g.
 --num-experts 4 and --num-experts 4 4 on two MoE layers are the same model.
@@ -22,10 +26,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from megatron.config import moe_layer_numbers
+from megatron.config import OVERRIDABLE_ROUTING, moe_layer_numbers
+
+__all__ = ["OVERRIDABLE_ROUTING", "model_differences", "experts_per_layer"]
 
 _PLAIN_SHAPE_FLAGS = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
-                      ("num_attention_heads", "--num-attention-heads"))
+                      ("num_attention_heads", "--num-attention-heads"),
+                      ("layernorm_epsilon", "--layernorm-epsilon"))
 _PLACEMENT_FLAGS = (("num_experts", "--num-experts"), ("expert_interval", "--expert-interval"),
                     ("no_moe_layer_num", "--no-moe-layer-num"))
 # How each GeLU form is asked for on the command line (megatron.run_config.gelu_form).
@@ -37,11 +44,16 @@ ROUTER_FLAGS = {"threshold": "--use-threshold", "topk": "--use-topk",
                 "hash": "--use-hash-layer", "switch": "--topk 1"}
 
 
+# Routing settings that only mean something for one router: compared when both use it.
+_ONE_ROUTER_SETTINGS = {"threshold": "threshold", "threshold_max_experts": "threshold",
+                        "topk": "topk"}
+
+
 def _text(value: Any) -> str:
-    """A value as it is written on the command line (lists space-separated)."""
+    """A value as it is written on the command line (lists space-separated; None: none)."""
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
-    return str(value)
+    return "none" if value is None else str(value)
 
 
 def experts_per_layer(model: Dict[str, Any]) -> List[int]:
@@ -109,20 +121,38 @@ def _compare_activation(saved: Dict[str, Any], run: Dict[str, Any], items: List[
 
 def _routing_differences(saved_moe: Dict[str, Any], run_moe: Dict[str, Any],
                          shape_items: List[str]) -> List[str]:
-    """Router kind, --threshold and --topk; hash vs a gated router changes the parameters (a
-    frozen table instead of the gate weight), so that one is appended to `shape_items`."""
+    """The OVERRIDABLE_ROUTING settings that differ (a router's own settings only when both
+    sides use that router); hash vs a gated router changes the parameters (a frozen table
+    instead of the gate weight), so that one is appended to `shape_items`."""
     a, b = saved_moe.get("router"), run_moe.get("router")
     if a is None or b is None:
         return []
+    routing = _Differences(saved_moe, run_moe)
     if a != b:
         item = f"{ROUTER_FLAGS.get(a, a)} (this run: {ROUTER_FLAGS.get(b, b)})"
         if "hash" in (a, b):
             shape_items.append(item)
             return []
-        return [item]
-    routing = _Differences(saved_moe, run_moe)
-    if a == "threshold":
-        routing.compare("threshold", "--threshold")
-    if a == "topk":
-        routing.compare("topk", "--topk")
+        routing.items.append(item)
+    for key, flag in OVERRIDABLE_ROUTING.items():
+        owner = _ONE_ROUTER_SETTINGS.get(key)
+        if key == "router" or (owner is not None and not a == b == owner):
+            continue
+        if key == "drop_tokens":
+            _compare_dropping(saved_moe, run_moe, routing.items)
+        else:
+            routing.compare(key, flag)
     return routing.items
+
+
+def _compare_dropping(saved_moe: Dict[str, Any], run_moe: Dict[str, Any],
+                      items: List[str]) -> None:
+    """drop_tokens as the flags say it: capacity drops tokens unless
+    --disable-moe-token-dropping."""
+    def words(drop: Any) -> str:
+        return "token dropping" if drop else "--disable-moe-token-dropping"
+
+    if "drop_tokens" in saved_moe and "drop_tokens" in run_moe \
+            and bool(saved_moe["drop_tokens"]) != bool(run_moe["drop_tokens"]):
+        items.append(f"{words(saved_moe['drop_tokens'])} (this run: "
+                     f"{words(run_moe['drop_tokens'])})")

@@ -17,6 +17,9 @@ before DeepSpeed would fail with a traceback or a run would overwrite what it di
   the layout file valid JSON, every expert shard it lists present.
 - `check_model_args`: the flags that shape the parameters must equal the checkpoint's (read from
   the layout file; from the model file's saved arguments for checkpoints older than that).
+- `saved_model_config`: the model flags of the checkpoint --load's pointer names, for
+  --use-checkpoint-args (megatron/run_config.py) and tools/threshold_sweep.py; torch is
+  imported only for checkpoints whose layout file predates the flags.
 - `check_save_dir`: --save must not hold checkpoints this run did not load, nor ones newer than
   the iteration it starts from (a later save of that iteration would replace them). Then
   `remove_stale_saves` deletes its tmp_iter_* (saves that never finished: not checkpoints).
@@ -38,7 +41,7 @@ import os
 import re
 import shutil
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron.checkpoint_args import model_differences
 
@@ -220,6 +223,49 @@ def saved_model_args(tag_dir: str) -> Optional[Dict[str, Any]]:
         state = torch.load(path, map_location="cpu", weights_only=False)
     args = state.get("args") if isinstance(state, dict) else None
     return args.get("model") if isinstance(args, dict) else None
+
+
+def pointed_tag_dir(load_dir: str) -> str:
+    """The checkpoint directory the pointer of `load_dir` names (torch-free); ValueError naming
+    what is missing (the directory, the pointer, the checkpoint it names)."""
+    if not os.path.isdir(load_dir):
+        raise ValueError(f"--load {load_dir} does not exist")
+    path = tracker_path(load_dir)
+    if not os.path.isfile(path):
+        check_unpointed(load_dir)           # iter_* without the pointer: its own message
+        raise ValueError(f"--load {load_dir} holds no checkpoint (no {TRACKER_FILENAME})")
+    with open(path) as f:
+        text = f.read().strip()
+    if text == "release":
+        tag = "release"
+    else:
+        try:
+            tag = checkpoint_tag(int(text))
+        except ValueError:
+            raise ValueError(f"{path} must hold one integer iteration (or 'release'), got "
+                             f"{text!r}") from None
+    tag_dir = os.path.join(load_dir, tag)
+    if not os.path.isdir(tag_dir):
+        raise ValueError(f"{path} names checkpoint {tag!r}, but {tag_dir} does not exist")
+    return tag_dir
+
+
+def saved_model_config(load_dir: str) -> Tuple[str, Dict[str, Any]]:
+    """(checkpoint directory, its model flags: RunConfig.model as a dict) of the checkpoint the
+    pointer of `load_dir` names; ValueError when it has none (another tool wrote it)."""
+    tag_dir = pointed_tag_dir(load_dir)
+    if "model" not in read_layout(tag_dir):         # older: the model file's saved arguments
+        model_file = os.path.join(tag_dir, MODEL_FILENAME)
+        problem = file_problem(model_file)
+        if problem is not None:
+            raise ValueError(f"{model_file} is {problem}: the checkpoint's model flags cannot "
+                             "be read")
+    model = saved_model_args(tag_dir)
+    if not isinstance(model, dict):
+        raise ValueError(f"{tag_dir} holds no saved model flags (written by another tool?): "
+                         "give the model flags on the command line instead of "
+                         "--use-checkpoint-args")
+    return tag_dir, model
 
 
 def check_model_args(tag_dir: str, run_model: Dict[str, Any]) -> None:

@@ -34,6 +34,23 @@ def moe_layer_numbers(num_layers: int, expert_interval: int,
                  if L > no_moe_layer_num and (L - no_moe_layer_num) % expert_interval == 0)
 
 
+# MoEConfig fields that change how the same gate weights route tokens, never which parameters
+# exist nor what an expert computes: a run may evaluate a checkpoint with other values (reported,
+# not refused: megatron/checkpoint_args.py), explicit flags override the checkpoint's under
+# --use-checkpoint-args (megatron/run_config.py), and GPTModel.set_routing changes them on a
+# built model. Field -> the flag that sets it. (Among routers only the gated ones interchange:
+# hash routing has a frozen table instead of the gate weight.)
+OVERRIDABLE_ROUTING = {
+    "router": "--use-threshold / --use-topk / --topk 1 (switch)",
+    "threshold": "--threshold",
+    "threshold_max_experts": "--threshold-max-experts",
+    "topk": "--topk",
+    "eval_capacity_factor": "--moe-eval-capacity-factor",
+    "min_capacity": "--moe-min-capacity",
+    "drop_tokens": "--disable-moe-token-dropping",
+}
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """How an MoE layer routes and computes (shared by all MoE layers of a model).

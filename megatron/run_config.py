@@ -1,20 +1,69 @@
 """The run's typed configs, built from a validated command line (megatron/arguments.py).
 
+    apply_checkpoint_args(args)                    # --use-checkpoint-args (validate_args calls it)
     run = build_configs(args, padded_vocab_size)   # RunConfig of small frozen dataclasses
 
-`build_configs` and `build_data_config` are the only readers of the argparse namespace besides
-megatron/arguments.py, which parses and validates it (and re-exports these names).
+`apply_checkpoint_args`, `build_configs` and `build_data_config` are the only readers of the
+argparse namespace besides megatron/arguments.py, which parses and validates it (and re-exports
+these names).
+
+--use-checkpoint-args (Megatron's flag) takes the model flags from the checkpoint --load names,
+so that evaluating it needs only --load, data, tokenizer and batch flags. The merge happens in
+one place, `apply_checkpoint_args`, on the namespace before anything is validated, so the
+merged values go through the same validation and the same config building as flags typed by
+hand. What it decides:
+- Taken from the saved model config (xmoe_checkpoint.json "model"; older checkpoints: the
+  model file's client state "args"): every GPTConfig / MoEConfig field a flag sets (_MODEL_DESTS,
+  _MOE_DESTS: shape, placement, GeLU form, LayerNorm epsilon, dropout, init std, the router and
+  its settings, capacity, loss coefficients) and --seq-length (= the saved
+  --max-position-embeddings) when not given.
+- A flag present on the command line (`args.explicit_flags`, recorded by parse_args) keeps its
+  value. For the routing settings (config.OVERRIDABLE_ROUTING: the router among threshold /
+  top-k / switch, --threshold, --threshold-max-experts, --topk, --moe-eval-capacity-factor,
+  --moe-min-capacity, --disable-moe-token-dropping) that is the point: the saved model is
+  evaluated with other routing. An explicit flag that shapes the parameters or the function
+  (shape, placement, GeLU form, LayerNorm epsilon, hash vs gated router) must equal the
+  checkpoint's: build_configs refuses the ones that differ by name (megatron/checkpoint_args.py,
+  the same comparison --load makes), before anything is built. The remaining ones (dropout,
+  init std, loss coefficients, the training capacity factor) apply as given, as when
+  fine-tuning. The router flags (--use-threshold, --use-topk, --use-hash-layer) count as one
+  setting, and so do the GeLU flags; --topk alone on a switch checkpoint makes it top-k.
+- Never taken: run settings (precision, kernels and expert implementation, parallelism,
+  activation recomputation, the seed), and the padded vocabulary (the tokenizer's; compared).
+- Without --use-checkpoint-args nothing is read here: the command line gives the model, and
+  --load refuses shape differences and reports routing differences (megatron/checkpoint_check).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Dict
 
+from megatron.checkpoint_args import LEGACY_ACTIVATION, model_differences
+from megatron.checkpoint_check import saved_model_config
 from megatron.config import (CheckpointConfig, DataConfig, GPTConfig, LoggingConfig, MoEConfig,
                              OptimizerConfig, TrainingConfig)
 
 DEFAULT_THRESHOLD = 0.9          # the XMoE paper's threshold, used when --threshold is not given
+
+# --use-checkpoint-args: saved GPTConfig / MoEConfig field -> the argparse dest it fills.
+_MODEL_DESTS = {k: k for k in (
+    "num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+    "ffn_hidden_size", "hidden_dropout", "attention_dropout", "init_method_std",
+    "layernorm_epsilon", "num_experts", "expert_interval", "no_moe_layer_num")}
+_MOE_DESTS = {"ffn_hidden_size": "moe_ffn_hidden_size", "topk": "topk", "threshold": "threshold",
+              "threshold_max_experts": "threshold_max_experts",
+              "train_capacity_factor": "moe_train_capacity_factor",
+              "eval_capacity_factor": "moe_eval_capacity_factor",
+              "min_capacity": "moe_min_capacity", "drop_tokens": "moe_token_dropping",
+              "aux_loss_coeff": "moe_loss_coeff", "z_loss_coeff": "moe_z_loss_coeff"}
+# Flags that together choose one setting: one of them given keeps all of them as given.
+_ROUTER_DESTS = {"threshold": "use_threshold", "topk": "use_topk", "hash": "use_hash_layer"}
+_GELU_DESTS = {"gelu_tanh": (True, False, False), "gelu": (False, False, False),
+               "gelu_erf_onnx": (True, False, True)}     # bias_gelu_fusion, openai, onnx_safe
+_GELU_FLAGS = ("bias_gelu_fusion", "openai_gelu", "onnx_safe")
 
 
 @dataclass(frozen=True)
@@ -41,13 +90,70 @@ def build_data_config(args: argparse.Namespace) -> DataConfig:
 
 
 def build_configs(args: argparse.Namespace, padded_vocab_size: int) -> RunConfig:
-    """Turn a validated namespace into the run's frozen configs (the only reader of `args`)."""
+    """Turn a validated namespace into the run's frozen configs (the only reader of `args`).
+
+    Under --use-checkpoint-args, explicit model flags that differ from the checkpoint's in
+    shape or function are refused here (ValueError naming each), before anything is built.
+    """
     if not hasattr(args, "router"):
         raise ValueError("call validate_args(args, world_size) before build_configs")
-    return RunConfig(model=_model_config(args, padded_vocab_size),
-                     optimizer=_optimizer_config(args), training=_training_config(args),
-                     data=build_data_config(args), logging=_logging_config(args),
-                     checkpoint=_checkpoint_config(args))
+    model = _model_config(args, padded_vocab_size)
+    saved = getattr(args, "checkpoint_model", None)
+    if saved is not None:
+        shape, _ = model_differences(saved, dataclasses.asdict(model))
+        if shape:
+            raise ValueError(f"--use-checkpoint-args: {args.checkpoint_dir} was saved with "
+                             f"other model flags: {', '.join(shape)}; leave these flags out "
+                             "to take the checkpoint's values")
+    return RunConfig(model=model, optimizer=_optimizer_config(args),
+                     training=_training_config(args), data=build_data_config(args),
+                     logging=_logging_config(args), checkpoint=_checkpoint_config(args))
+
+
+def checkpoint_flag_values(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """argparse dest -> value of every model flag a saved model config (RunConfig.model as a
+    dict) determines; fields an older checkpoint lacks are left out (the GeLU form: exact
+    erf, as those checkpoints used)."""
+    values = {dest: saved[key] for key, dest in _MODEL_DESTS.items() if key in saved}
+    moe = saved.get("moe") or {}
+    values.update({dest: moe[key] for key, dest in _MOE_DESTS.items() if key in moe})
+    if "num_experts" in values:
+        values["num_experts"] = [int(e) for e in values["num_experts"]]
+    if "max_position_embeddings" in saved:
+        values["seq_length"] = saved["max_position_embeddings"]
+    router = moe.get("router")
+    if router is not None:
+        values.update({dest: router == name for name, dest in _ROUTER_DESTS.items()})
+    activation = saved.get("activation", LEGACY_ACTIVATION)
+    if activation in _GELU_DESTS:
+        values.update(zip(_GELU_FLAGS, _GELU_DESTS[activation]))
+    return values
+
+
+def apply_checkpoint_args(args: argparse.Namespace) -> None:
+    """--use-checkpoint-args: fill the model flags not given on the command line from the
+    checkpoint --load names (see the module docstring); a no-op without the flag.
+
+    Records the saved config as `args.checkpoint_model` (and its directory as
+    `args.checkpoint_dir`) for build_configs' comparison. ValueError: no --load, no checkpoint
+    there, no saved model flags in it.
+    """
+    if not getattr(args, "use_checkpoint_args", False):
+        return
+    if args.load is None:
+        raise ValueError("--use-checkpoint-args needs --load (the checkpoint whose model flags "
+                         "it takes)")
+    tag_dir, saved = saved_model_config(args.load)
+    explicit = set(getattr(args, "explicit_flags", ()))
+    values = checkpoint_flag_values(saved)
+    for group in (set(_ROUTER_DESTS.values()), set(_GELU_FLAGS)):
+        if explicit & group:            # the command line chose this setting: keep all of it
+            for dest in group:
+                values.pop(dest, None)
+    for dest, value in values.items():
+        if dest not in explicit:
+            setattr(args, dest, value)
+    args.checkpoint_model, args.checkpoint_dir = saved, tag_dir
 
 
 def gelu_form(bias_gelu_fusion: bool, openai_gelu: bool, onnx_safe: bool) -> str:

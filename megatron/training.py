@@ -6,7 +6,11 @@
          here with the tokens of each step) -> LRScheduler
       3. datasets (rank 0 builds the index caches, the others load them), --load
       4. --eval-only: validation and test, then exit; else the loop below, a final save,
-         validation (unless just done) and test.
+         validation (unless just done) and test. Each evaluation prints Megatron's loss block
+         and, per MoE layer and their mean, experts per token wanted / used, dropped %, expert
+         FLOPs vs every expert and vs the dense FFN, load balance (megatron/evaluation.py);
+         --eval-only --use-checkpoint-args --threshold T evaluates a checkpoint at another
+         threshold (megatron/run_config.py says which flags may differ from it).
 
 One iteration is one global batch: every micro-batch runs forward (lm loss = mean over tokens,
 plus the MoE aux loss) and `engine.backward`, `engine.step` on each (DeepSpeed steps the
@@ -41,7 +45,8 @@ from megatron.initialize import (barrier, initialize_distributed, is_rank_0, pri
 from megatron.learning_rates import LRScheduler
 from megatron.model import GPTModel
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, TensorBoardWriter,
-                                   eval_block, iteration_line, moe_lines, moe_stats_tensors)
+                                   eval_block, eval_moe_lines, iteration_line, moe_lines,
+                                   moe_stats_tensors)
 
 logger = logging.getLogger(__name__)
 
@@ -248,11 +253,13 @@ class Trainer:
     def _evaluate(self, what: str, iterator: Optional[Iterator], num_iters: int) -> None:
         if iterator is None or num_iters <= 0:
             return
-        loss = evaluate(self.engine, iterator, num_iters,
-                        self.run.training.gradient_accumulation_steps, self.device)
-        print_rank_0(eval_block(what, self.iteration, loss))
+        result = evaluate(self.engine, iterator, num_iters,
+                          self.run.training.gradient_accumulation_steps, self.device)
+        print_rank_0(eval_block(what, self.iteration, result.lm_loss))
+        if self.run.logging.log_moe_stats and result.moe_layers:
+            print_rank_0("\n".join(eval_moe_lines(what, result)))
         if is_rank_0():
-            self.tensorboard.write_eval(what, self.iteration, loss)
+            self.tensorboard.write_eval(what, self.iteration, result)
             self.tensorboard.flush()
 
     def evaluate_valid(self) -> None:

@@ -4,19 +4,28 @@ Per-step values stay on the device (losses, MoE statistics, a computed grad norm
 into an `IntervalStats`; at each log interval one all-reduce (mean over data-parallel ranks) and
 ONE device-to-host copy turn them into an `IntervalSummary`, so logging costs no host sync per
 step. Every rank calls `IntervalStats.reduce` (it is a collective); rank 0 prints and writes.
+Evaluations (megatron/evaluation.EvalResult) are printed and written here too.
+
+Expert load balance is reported relative to the mean load (`load_balance`): min, max and
+standard deviation of (each expert's kept pairs / the mean over the layer's experts), so 1, 1, 0
+is a perfectly balanced layer whatever its number of experts (max over mean E: one expert took
+everything).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron.model.moe.stats import QUANTILES, MoEStats
+
+if TYPE_CHECKING:
+    from megatron.evaluation import EvalResult
 
 # Columns of the per-layer MoE statistics summed per step: [L, len(MOE_FIELDS)].
 MOE_FIELDS = ("wanted_per_token", "used_per_token", "dropped_fraction", "top1_p50",
@@ -228,6 +237,37 @@ def moe_lines(summary: IntervalSummary) -> List[str]:
     return lines
 
 
+def load_balance(load_fractions: Sequence[float]) -> Optional[Tuple[float, float, float]]:
+    """(min, max, std) of the experts' loads relative to their mean (see the module docstring);
+    None when nothing was kept."""
+    load = np.asarray(load_fractions, dtype=np.float64)
+    if load.size == 0 or not load.sum() > 0:
+        return None
+    relative = load * load.size / load.sum()
+    return float(relative.min()), float(relative.max()), float(relative.std())
+
+
+def eval_moe_lines(what: str, result: "EvalResult") -> List[str]:
+    """Per MoE layer and their mean, under the evaluation block: experts per token wanted and
+    used, dropped %, expert FLOPs vs every expert and vs the dense FFN, load balance.
+    (Worded unlike the training lines, so that parsers of those never pick these up.)"""
+    def columns(v: dict) -> str:
+        return (f"wanted {v['wanted_per_token']:.2f} used {v['used_per_token']:.2f} "
+                f"experts/token | dropped {100.0 * v['dropped_fraction']:.1f}% | expert FLOPs "
+                f"vs all experts {v['flops_vs_all']:.2f}, vs dense FFN {v['flops_vs_dense']:.2f}")
+
+    lines = []
+    for layer in result.moe_layers:
+        line = f"   {what} MoE layer {layer.layer_number}: {columns(vars(layer))}"
+        balance = load_balance(layer.load_fractions)
+        if balance is not None:
+            line += " | load vs mean min {:.2f} max {:.2f} std {:.2f}".format(*balance)
+        lines.append(line)
+    if result.moe_mean is not None:
+        lines.append(f"   {what} MoE mean:    {columns(result.moe_mean)}")
+    return lines
+
+
 def eval_block(what: str, iteration: int, lm_loss: float) -> str:
     """Megatron's evaluation block; `what` is "validation" or "test"."""
     ppl = math.exp(min(20.0, lm_loss))          # Megatron caps the exponent at 20
@@ -241,13 +281,24 @@ def eval_block(what: str, iteration: int, lm_loss: float) -> str:
 # TensorBoard
 
 
+# TensorBoard name -> EvalResult field, per MoE layer and for their mean.
+_EVAL_SCALARS = (("experts-per-token-wanted", "wanted_per_token"),
+                 ("experts-per-token-used", "used_per_token"),
+                 ("dropped-fraction", "dropped_fraction"),
+                 ("expert-flops-vs-all", "flops_vs_all"),
+                 ("expert-flops-vs-dense", "flops_vs_dense"))
+
+
 class TensorBoardWriter:
     """Scalars and histograms under --tensorboard-dir (rank 0 only; None dir: writes nothing).
 
     Per-iteration values (every --tensorboard-log-interval iterations): lm-loss, learning-rate,
-    grad-norm, loss-scale, moe/aux-loss. Per log interval: tokens-per-second and, per MoE layer,
-    experts per token wanted/used, dropped fraction, top-1 probability p50, load max/mean and a
-    histogram of the experts' load fractions. Evaluations: {validation,test}/lm-loss and -ppl.
+    grad-norm, loss-scale, moe/aux-loss. Per log interval: tokens-per-second and, per MoE layer
+    (moe/layerL/), experts per token wanted/used, dropped fraction, top-1 probability p50, load
+    min/max/std over the mean and a histogram of the experts' load fractions. Evaluations:
+    {validation,test}/lm-loss and -ppl, and per MoE layer ({what}/moe-layer-L/) and their mean
+    ({what}/moe-mean/) experts per token wanted/used, dropped fraction, expert FLOPs vs all
+    experts and vs dense, load min/max/std over the mean (layers) and the load histogram.
     """
 
     def __init__(self, log_dir: Optional[str], interval: int) -> None:
@@ -279,15 +330,34 @@ class TensorBoardWriter:
             w.add_scalar(f"{tag}/experts-per-token-used", v["used_per_token"], it)
             w.add_scalar(f"{tag}/dropped-fraction", v["dropped_fraction"], it)
             w.add_scalar(f"{tag}/top1-prob-p50", v["top1_p50"], it)
-            loads = layer.load_fractions
-            if loads.sum() > 0:
-                w.add_scalar(f"{tag}/load-max-over-mean", float(loads.max() * len(loads)), it)
-                w.add_histogram(f"{tag}/expert-load-fraction", loads, it)
+            self._write_load(tag, layer.load_fractions, it)
 
-    def write_eval(self, what: str, iteration: int, lm_loss: float) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(f"{what}/lm-loss", lm_loss, iteration)
-            self.writer.add_scalar(f"{what}/lm-loss-ppl", math.exp(min(20.0, lm_loss)), iteration)
+    def _write_load(self, tag: str, load_fractions: Sequence[float], step: int) -> None:
+        balance = load_balance(load_fractions)
+        if balance is None:
+            return
+        for name, value in zip(("min", "max", "std"), balance):
+            self.writer.add_scalar(f"{tag}/load-{name}-over-mean", value, step)
+        self.writer.add_histogram(f"{tag}/expert-load-fraction", np.asarray(load_fractions),
+                                  step)
+
+    def write_eval(self, what: str, iteration: int, result: "EvalResult") -> None:
+        """One evaluation (`what`: validation or test) at `iteration`."""
+        w = self.writer
+        if w is None:
+            return
+        w.add_scalar(f"{what}/lm-loss", result.lm_loss, iteration)
+        w.add_scalar(f"{what}/lm-loss-ppl", result.ppl, iteration)
+        groups = [(f"{what}/moe-layer-{layer.layer_number}", vars(layer))
+                  for layer in result.moe_layers]
+        if result.moe_mean is not None:
+            groups.append((f"{what}/moe-mean", result.moe_mean))
+        for tag, v in groups:
+            for name, key in _EVAL_SCALARS:
+                w.add_scalar(f"{tag}/{name}", v[key], iteration)
+        for layer in result.moe_layers:
+            self._write_load(f"{what}/moe-layer-{layer.layer_number}", layer.load_fractions,
+                             iteration)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -185,7 +185,7 @@ def test_evaluate_is_the_mean_lm_loss_without_grad_and_restores_train_mode():
                             for b in batches])
     model.train()
     loss = evaluate(model, iter(batches), num_iters=3, micro_batches_per_iter=2,
-                    device=torch.device("cpu"))
+                    device=torch.device("cpu")).lm_loss
     assert loss == pytest.approx(expected, rel=1e-6)
     assert model.training and all(p.grad is None for p in model.parameters())
 

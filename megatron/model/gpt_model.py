@@ -5,14 +5,15 @@ Letters: B batch, S sequence, H hidden, V padded vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.config import GPTConfig
+from megatron.config import OVERRIDABLE_ROUTING, GPTConfig, MoEConfig
 from megatron.model.embedding import Embedding
 from megatron.model.moe import MoELayer, MoEStats, named_expert_parameters
 from megatron.model.transformer import Transformer
@@ -102,6 +103,28 @@ class GPTModel(nn.Module):
         loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(),
                                   reduction="none").view_as(labels)
         return GPTOutput(None, loss_BS, out.aux_loss, out.stats)
+
+    def set_routing(self, **changes: Any) -> MoEConfig:
+        """Route every MoE layer with other routing settings from now on, e.g.
+        `model.set_routing(threshold=0.5)` to evaluate a model trained at another threshold;
+        returns the new MoEConfig (also `model.config.moe`).
+
+        Only config.OVERRIDABLE_ROUTING fields may change (the parameters serve them all);
+        MoEConfig validates the values. ValueError naming the setting otherwise, with the
+        model left as it was.
+        """
+        unknown = sorted(set(changes) - set(OVERRIDABLE_ROUTING))
+        if unknown:
+            raise ValueError(f"set_routing changes only the routing settings "
+                             f"({', '.join(OVERRIDABLE_ROUTING)}), not {', '.join(unknown)}")
+        layers = [layer.mlp for layer in self.transformer.layers if layer.is_moe]
+        if not layers:
+            raise ValueError("the model has no MoE layer: there is no routing to set")
+        moe = dataclasses.replace(self.config.moe, **changes)   # validated by MoEConfig
+        for layer in layers:        # all share one config: the first refuses before any change
+            layer.set_routing(moe)
+        self.config = dataclasses.replace(self.config, moe=moe)
+        return moe
 
     def parameter_counts(self) -> Dict[str, int]:
         """{"total", "expert", "non_expert"}: expert = MoE-layer parameters except the router,

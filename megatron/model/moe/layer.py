@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.config import DEFAULT_ACTIVATION, MoEConfig
+from megatron.config import DEFAULT_ACTIVATION, OVERRIDABLE_ROUTING, MoEConfig
 from megatron.model.mlp_gating import (RoutingDecision, gumbel_noise_like, make_hash_table,
                                        route, torch_capacity)
 from megatron.model.moe.dispatch import (DispatchPlan, PlanCore, combine, dispatch, finish_plan,
@@ -92,6 +92,23 @@ class MoELayer(nn.Module):
         self.experts = shard_experts(self.experts, rank, size)
         self.expert_group = group
         self.expert_parallel_rank, self.expert_parallel_size = rank, size
+
+    def set_routing(self, config: MoEConfig) -> None:
+        """Route with `config` from now on. It may differ from the layer's config only in the
+        routing settings (config.OVERRIDABLE_ROUTING: router among the gated ones, threshold,
+        top-k, capacity), which the same parameters serve; anything else raises ValueError."""
+        fixed = sorted(f.name for f in dataclasses.fields(MoEConfig)
+                       if f.name not in OVERRIDABLE_ROUTING
+                       and getattr(config, f.name) != getattr(self.config, f.name))
+        if fixed:
+            raise ValueError(f"MoE layer {self.layer_number}: only the routing settings "
+                             f"({', '.join(OVERRIDABLE_ROUTING)}) can change on a built model, "
+                             f"not {', '.join(fixed)}")
+        if (config.router == "hash") != (self.config.router == "hash"):
+            raise ValueError(f"MoE layer {self.layer_number}: router {self.config.router} -> "
+                             f"{config.router}: hash routing reads a frozen token table, the "
+                             "other routers the gate weights, so they do not interchange")
+        self.config = config
 
     @property
     def num_local_experts(self) -> int:
