@@ -135,35 +135,6 @@ def thresholds_for(args: argparse.Namespace, run) -> List[Optional[float]]:
     return [None]
 
 
-def load_model(load_dir: str, model_config, device):
-    """(GPTModel with the checkpoint's weights on `device`, eval mode; its iteration)."""
-    import torch
-
-    from megatron.checkpoint_check import MODEL_FILENAME, check_intact, pointed_tag_dir
-    from megatron.expert_checkpoint import full_expert_tensors, read_layout
-    from megatron.model import GPTModel
-
-    tag_dir = pointed_tag_dir(load_dir)
-    check_intact(load_dir, os.path.basename(tag_dir))
-    path = os.path.join(tag_dir, MODEL_FILENAME)
-    try:        # memory-mapped: only the module's tensors are read, not the optimizer state
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:            # the legacy format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
-        raise ValueError(f"{path} holds no 'module' state dict (not a DeepSpeed model file)")
-    module = dict(state["module"])
-    size = int(read_layout(tag_dir)["expert_parallel_size"])
-    if size > 1:                    # rank 0's experts are in the model file; all in the shards
-        module.update(full_expert_tensors(tag_dir, module, size))
-    model = GPTModel(model_config)
-    missing, unexpected = model.load_state_dict(module, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model its saved flags describe: missing "
-                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    return model.to(device).eval(), int(state.get("iteration", 0))
-
-
 def validation_batches(run, vocab_size: int) -> list:
     """The first eval_iters x accumulation micro-batches of the validation split, as
     pretrain_gpt.py --eval-only reads them (same sample counts, seed and order)."""
@@ -301,6 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available here")
+        from megatron.checkpoint_model import load_model
+
         model, iteration = load_model(args.load, run.model, device)
         batches = validation_batches(run, tokenizer.vocab_size)
         moe = run.model.moe
