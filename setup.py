@@ -70,6 +70,7 @@ setup(
     extras_require={
         # triton: the MoE row kernels' CPU tests run them under its interpreter (CUDA builds
         # of torch ship it already).
-        "test": ["pytest>=7", "triton"],
+        "test": ["pytest>=7", "triton", "matplotlib"],
+        "study": ["matplotlib"],  # PNGs of tools/router_study.py and tools/threshold_sweep.py
     },
 )
