@@ -54,7 +54,9 @@ def deepspeed():
     ds.init_distributed(dist_backend="gloo")
     yield ds
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        # DeepSpeed's destroy also drops the groups it cached (a clone of the world group);
+        # torch's alone leaves them stale, and the next module's engine fails on them.
+        ds.comm.destroy_process_group()
     mp.undo()
 
 

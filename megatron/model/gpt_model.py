@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.config import OVERRIDABLE_ROUTING, GPTConfig, MoEConfig
+from megatron.model.attention import KVCache
 from megatron.model.embedding import Embedding
 from megatron.model.moe import MoELayer, MoEStats, named_expert_parameters
 from megatron.model.transformer import Transformer
@@ -66,6 +67,21 @@ def validate_inputs(config: GPTConfig, input_ids: torch.Tensor,
             raise ValueError(f"{name} must lie in [0, {limit}) ({what}), got range [{lo}, {hi}]")
 
 
+def check_cache(config: GPTConfig, kv_cache: KVCache, input_ids: torch.Tensor) -> None:
+    """ValueError, before anything is cached, when `input_ids` [B, S] cannot follow the cached
+    positions: another layer count, past + S beyond the position table or the cache, another
+    batch size. Host values only (no sync)."""
+    if len(kv_cache.layers) != config.num_layers:
+        raise ValueError(f"the KV cache has {len(kv_cache.layers)} layers, the model "
+                         f"{config.num_layers} (--num-layers)")
+    past, (batch_size, num_new) = kv_cache.length, input_ids.shape
+    if past + num_new > config.max_position_embeddings:
+        raise ValueError(f"{past} cached + {num_new} new positions exceed "
+                         f"--max-position-embeddings {config.max_position_embeddings}")
+    for layer_cache in kv_cache.layers:
+        layer_cache.check_room(batch_size, num_new)
+
+
 class GPTModel(nn.Module):
     """GPT language model; the output layer is the word embedding matrix (tied, no bias)."""
 
@@ -81,21 +97,33 @@ class GPTModel(nn.Module):
         return self.embedding.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> GPTOutput:
+                labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                record_experts: bool = False) -> GPTOutput:
         """input_ids [B, S] (position_ids default 0..S-1; labels [B, S] -> per-token loss).
 
         Shapes are always checked; value ranges only for CPU inputs, since reading them on an
         accelerator is a host sync per step (call `validate_inputs` yourself there if wanted).
+
+        Generation (megatron/generation.py) adds two inference-only arguments; training passes
+        neither and runs exactly as without them:
+        kv_cache: input_ids are the positions after the `kv_cache.length` cached ones (default
+            position_ids continue from there); their keys and values are appended to it.
+        record_experts: each MoE layer's stats carry token_experts_TK (the experts each token
+            used; see MoEStats).
         """
         if input_ids.device.type == "cpu":
             validate_inputs(self.config, input_ids, position_ids, labels)
         else:
             check_shapes(self.config, input_ids, position_ids, labels)
+        past = 0
+        if kv_cache is not None:
+            check_cache(self.config, kv_cache, input_ids)
+            past = kv_cache.length
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
         x_BSH = self.embedding(input_ids, position_ids)
-        out = self.transformer(x_BSH, input_ids)
+        out = self.transformer(x_BSH, input_ids, kv_cache, record_experts)
         logits_BSV = F.linear(out.hidden_states, self.output_weight)
         if labels is None:
             return GPTOutput(logits_BSV, None, out.aux_loss, out.stats)

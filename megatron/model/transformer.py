@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron.config import GPTConfig
-from megatron.model.attention import CausalSelfAttention
+from megatron.model.attention import CausalSelfAttention, KVCache, LayerKVCache
 from megatron.model.init_methods import scaled_init_std, torch_dtype
 from megatron.model.mlp import MLP
 from megatron.model.moe import MoELayer, MoEStats
@@ -70,13 +70,18 @@ class TransformerLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
-    def forward(self, x_BSH: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None
+    def forward(self, x_BSH: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
+                kv_cache: Optional[LayerKVCache] = None, record_experts: bool = False
                 ) -> LayerOutput:
-        x_BSH = x_BSH + self.hidden_dropout(self.self_attention(self.input_layernorm(x_BSH)))
+        """kv_cache: this layer's keys/values (incremental decoding); record_experts: the MoE
+        stats carry each token's experts (generation). Training passes neither."""
+        attn_BSH = self.self_attention(self.input_layernorm(x_BSH), kv_cache)
+        x_BSH = x_BSH + self.hidden_dropout(attn_BSH)
         h_BSH = self.post_attention_layernorm(x_BSH)
         if not self.is_moe:
             return LayerOutput(x_BSH + self.hidden_dropout(self.mlp(h_BSH)), None, None)
-        moe = self.mlp(h_BSH, token_ids_BS)  # hash routing needs the token ids
+        # hash routing needs the token ids
+        moe = self.mlp(h_BSH, token_ids_BS, record_experts=record_experts)
         return LayerOutput(x_BSH + self.hidden_dropout(moe.output), moe.aux_loss, moe.stats)
 
 
@@ -95,16 +100,21 @@ class Transformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
                                             dtype=torch_dtype(config.params_dtype))
 
-    def forward(self, x_BSH: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None
+    def forward(self, x_BSH: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None, record_experts: bool = False
                 ) -> TransformerOutput:
-        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        """kv_cache and record_experts: see TransformerLayer.forward. Both are for inference and
+        turn recomputation off (it would append every position to the cache twice)."""
+        recompute = (self.checkpoint_activations and self.training and torch.is_grad_enabled()
+                     and kv_cache is None and not record_experts)
         aux_loss = torch.zeros((), dtype=torch.float32, device=x_BSH.device)
         stats: List[MoEStats] = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if recompute:
                 out = checkpoint(layer, x_BSH, token_ids_BS, use_reentrant=False)
             else:
-                out = layer(x_BSH, token_ids_BS)
+                layer_cache = None if kv_cache is None else kv_cache.layers[i]
+                out = layer(x_BSH, token_ids_BS, layer_cache, record_experts)
             x_BSH = out.hidden_states
             if out.aux_loss is not None:
                 aux_loss = aux_loss + out.aux_loss

@@ -13,6 +13,7 @@ import torch
 
 from megatron.config import GPTConfig, MoEConfig
 from megatron.model import GPTModel, validate_inputs
+from megatron.model.attention import KVCache
 from tests.model.gelu_reference import FORMS, ref_gelu
 
 Params = Dict[str, torch.Tensor]
@@ -353,3 +354,88 @@ def test_bf16_params_keep_router_fp32():
     assert torch.isfinite(out.loss).all()
     (out.loss.mean() + out.moe_aux_loss).backward()
     assert all(q.grad is not None and q.grad.dtype == q.dtype for q in model.parameters())
+
+
+# ---------------------------------------------------------------- incremental forward (KV cache)
+INCREMENTAL_CONFIGS = {
+    "dense": lambda: tiny_config(),
+    "threshold": lambda: moe_config(moe=MoEConfig(router="threshold", threshold=0.5,
+                                                  ffn_hidden_size=8, drop_tokens=False)),
+    "topk2": lambda: moe_config(),
+    "hash": lambda: moe_config(moe=MoEConfig(router="hash", vocab_size=50, ffn_hidden_size=8,
+                                             drop_tokens=False)),
+}
+
+
+@pytest.mark.parametrize("name", INCREMENTAL_CONFIGS)
+def test_cached_incremental_forward_equals_full_forward(name):
+    """A prompt of 4, then one position at a time, then a chunk of 3 with a past (the masked
+    path): each call's logits equal the full forward's at those positions (fp32, tight). A
+    prompt into an empty cache runs the training path itself (is_causal): bitwise equal."""
+    config = INCREMENTAL_CONFIGS[name]()
+    torch.manual_seed(0)
+    model = GPTModel(config).eval()
+    ids, _ = batch(config, B=2, S=10)
+    with torch.no_grad():
+        full = model(ids).logits
+        prefilled = model(ids, kv_cache=KVCache(config.num_layers, max_length=10)).logits
+        torch.testing.assert_close(prefilled, full, rtol=0, atol=0)
+        cache = KVCache(config.num_layers, max_length=10)
+        chunks = [(0, 4), (4, 5), (5, 6), (6, 7), (7, 10)]
+        for start, end in chunks:
+            assert cache.length == start
+            out = model(ids[:, start:end], kv_cache=cache)
+            torch.testing.assert_close(out.logits, full[:, start:end], rtol=1e-5, atol=1e-5,
+                                       msg=f"positions {start}..{end}")
+        assert cache.length == 10
+
+
+def test_cached_forward_with_explicit_positions_and_bad_calls():
+    config = tiny_config()
+    model = GPTModel(config).eval()
+    ids, _ = batch(config, B=1, S=config.max_position_embeddings)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(config.num_layers, max_length=config.max_position_embeddings)
+        model(ids[:, :5], kv_cache=cache)
+        step = model(ids[:, 5:6], position_ids=torch.tensor([[5]]), kv_cache=cache).logits
+        torch.testing.assert_close(step, full[:, 5:6], rtol=1e-5, atol=1e-5)
+        model(ids[:, 6:], kv_cache=cache)        # fills the position table exactly
+        with pytest.raises(ValueError, match="--max-position-embeddings"):
+            model(ids[:, :1], kv_cache=cache)
+        with pytest.raises(ValueError, match="layers"):
+            model(ids[:, :1], kv_cache=KVCache(config.num_layers + 1, max_length=4))
+        small = KVCache(config.num_layers, max_length=2)
+        with pytest.raises(ValueError, match="max_length 2"):
+            model(ids[:, :3], kv_cache=small)
+        assert small.length == 0                 # refused before anything was written
+
+
+def test_record_experts_gives_each_tokens_kept_experts_only_on_request():
+    """token_experts_TK holds each token's kept experts in choice order, -1 elsewhere (the
+    layer's own routing decision); without record_experts it is not computed."""
+    config = moe_config(moe=MoEConfig(router="threshold", threshold=0.6, ffn_hidden_size=8,
+                                      drop_tokens=True, eval_capacity_factor=0.5,
+                                      min_capacity=1))
+    torch.manual_seed(0)
+    model = GPTModel(config).eval()
+    ids, _ = batch(config)
+    seen = {}
+    for layer in model.transformer.layers:
+        if layer.is_moe:
+            layer.mlp.register_forward_pre_hook(
+                lambda m, args: seen.__setitem__(m.layer_number, args[0].detach().clone()))
+    with torch.no_grad():
+        plain = model(ids)
+        assert all(s.token_experts_TK is None for s in plain.moe_stats)
+        recorded = model(ids, record_experts=True)
+    dropped = 0
+    for s in recorded.moe_stats:
+        layer = model.transformer.layers[s.layer_number - 1].mlp
+        x_TD = seen[s.layer_number].reshape(-1, config.hidden_size)
+        decision = layer.decide(x_TD, ids.reshape(-1))
+        expected = torch.where(decision.kept_TK, decision.experts_TK, -1)
+        assert torch.equal(s.token_experts_TK, expected)
+        dropped += int((decision.wanted_TK & ~decision.kept_TK).sum())
+    assert dropped > 0      # capacity drops show as -1, not as the wanted expert
+    torch.testing.assert_close(recorded.logits, plain.logits, rtol=0, atol=0)

@@ -23,7 +23,7 @@ from megatron.model.moe.expert_parallel import expert_parallel_experts, shard_ex
 from megatron.model.moe.fused import (fused_experts, triton_capacity, triton_router_logits,
                                       use_triton_capacity, use_triton_kernels,
                                       use_triton_router)
-from megatron.model.moe.stats import MoEStats, compute_stats
+from megatron.model.moe.stats import MoEStats, compute_stats, token_experts
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,10 @@ class MoELayer(nn.Module):
                      training=self.training, token_ids_T=token_ids_T,
                      hash_table_V=self.hash_table)
 
-    def forward(self, hidden_states: torch.Tensor,
-                token_ids: Optional[torch.Tensor] = None) -> MoEOutput:
-        """hidden_states [..., D] (token_ids [...] for hash routing) -> MoEOutput.
+    def forward(self, hidden_states: torch.Tensor, token_ids: Optional[torch.Tensor] = None,
+                record_experts: bool = False) -> MoEOutput:
+        """hidden_states [..., D] (token_ids [...] for hash routing) -> MoEOutput; with
+        record_experts its stats carry each token's experts (token_experts_TK, generation).
 
         1. route:    fp32 router logits -> RoutingDecision (experts, weights, capacity drops)
         2. plan:     kept (token, expert) pairs sorted by expert, with group offsets
@@ -170,7 +171,9 @@ class MoELayer(nn.Module):
 
         aux_loss = (self.config.aux_loss_coeff * decision.aux_loss.float()
                     + self.config.z_loss_coeff * decision.z_loss.float())
-        stats = dataclasses.replace(stats, layer_number=self.layer_number)
+        stats = dataclasses.replace(
+            stats, layer_number=self.layer_number,
+            token_experts_TK=token_experts(decision) if record_experts else None)
         return MoEOutput(out_TD.reshape(shape), aux_loss, stats)
 
     def route_and_plan(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]

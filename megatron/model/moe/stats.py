@@ -6,6 +6,7 @@ Letters: T tokens, K choice slots, E experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,9 @@ class MoEStats:
     top1_prob_quantiles: fp32 [5] of each token's top-1 probability at q = QUANTILES
     flops_vs_topk:    kept pairs / (T * topk): expert FLOPs relative to a top-k router
     flops_vs_dense:   kept pairs * F_expert / (T * F_dense): relative to the dense FFN
+    token_experts_TK: int64 [T, K] each token's kept experts in choice order (most probable
+                      first), -1 in the slots it does not use; only with the MoE layer's
+                      record_experts (generation), else None: training never computes it
     """
 
     layer_number: int
@@ -36,6 +40,7 @@ class MoEStats:
     top1_prob_quantiles: torch.Tensor
     flops_vs_topk: torch.Tensor
     flops_vs_dense: torch.Tensor
+    token_experts_TK: Optional[torch.Tensor] = None
 
 
 def sorted_quantiles(values_T: torch.Tensor, qs=QUANTILES) -> torch.Tensor:
@@ -80,3 +85,10 @@ def compute_stats(decision: RoutingDecision, layer_number: int, topk: int,
         flops_vs_topk=kept / (t * topk),
         flops_vs_dense=kept * expert_ffn_hidden_size / (t * dense_ffn_hidden_size),
     )
+
+
+@torch.no_grad()
+def token_experts(decision: RoutingDecision) -> torch.Tensor:
+    """int64 [T, K]: the experts each token uses (kept pairs, in choice order), -1 in its other
+    slots (not chosen, or dropped by capacity). One device op, no host sync."""
+    return torch.where(decision.kept_TK, decision.experts_TK, -1)
