@@ -357,7 +357,7 @@ def test_bad_input_gets_one_line_and_nothing_written(dense_model, vocab, tmp_pat
     assert export(ckpt, Path(ckpt), "--force") == 2
     assert "holds the input" in only_line(capsys)
     assert export(ckpt, out, "--force", "--vocab-file", str(tmp_path / "missing.json")) == 2
-    assert f"the --vocab-file given, {tmp_path / 'missing.json'}, does not exist" in only_line(
+    assert f"--vocab-file {tmp_path / 'missing.json'} (given) does not exist" in only_line(
         capsys)
     assert os.listdir(out) == ["keep.txt"]       # --force replaces only a complete export
     assert_nothing_written(tmp_path, {"megatron_lm", "ckpt", "out"})
@@ -380,8 +380,8 @@ def test_a_failing_export_leaves_nothing(dense_model, vocab, tmp_path, capsys, m
             "data": {"vocab_file": str(tmp_path / "gone.json"), "merge_file": vocab["merges"]}}
     save_checkpoint(StubEngine(dense_model), 30, 0, None, args, str(tmp_path / "ckpt2"))
     assert export(str(tmp_path / "ckpt2"), tmp_path / "hf") == 2
-    assert (f"the --vocab-file the model was trained with, {tmp_path / 'gone.json'}, does "
-            "not exist: give --vocab-file") in only_line(capsys)
+    assert (f"--vocab-file {tmp_path / 'gone.json'} (the run's, recorded in the checkpoint) "
+            "does not exist: pass --vocab-file") in only_line(capsys)
     assert_nothing_written(tmp_path, {"ckpt", "ckpt2"})
 
 

@@ -38,18 +38,13 @@ from typing import Optional, Sequence
 # Run as a script: import the megatron next to it (as pretrain_gpt.py does).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.cli import OneLineParser, error_line  # noqa: E402
+
 PROG = "convert_to_hf.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are ValueErrors, printed by main as one line."""
-
-    def error(self, message: str) -> None:   # type: ignore[override]
-        raise ValueError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="Checkpoint directory (pretrain_gpt.py --save).")
     source.add_argument("--from-hf", help="Hugging Face GPT-2 directory to import.")
@@ -116,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hf_logging.set_verbosity_error()
         export(args) if args.load else import_hf(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print(error_line(PROG, e), file=sys.stderr, flush=True)
         return 2
     return 0
 

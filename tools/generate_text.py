@@ -42,18 +42,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 # Run as a script: import the megatron next to it (as pretrain_gpt.py does).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.cli import OneLineParser, error_line  # noqa: E402
+
 PROG = "generate_text.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are ValueErrors, printed by main as one line."""
-
-    def error(self, message: str) -> None:   # type: ignore[override]
-        raise ValueError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="Checkpoint directory (pretrain_gpt --save).")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeatable).")
     p.add_argument("--prompt-file", default=None,
@@ -114,49 +109,6 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompt-file")
     return prompts
-
-
-def saved_run_args(load_dir: str) -> Dict[str, Any]:
-    """The run arguments saved in the checkpoint's model file (RunConfig as a dict; {} when
-    another tool wrote it), read memory-mapped (the tensors are not loaded)."""
-    import torch
-
-    from megatron.checkpoint_check import MODEL_FILENAME, pointed_tag_dir
-
-    path = os.path.join(pointed_tag_dir(load_dir), MODEL_FILENAME)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:            # the legacy format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    args = state.get("args") if isinstance(state, dict) else None
-    return args if isinstance(args, dict) else {}
-
-
-def build_tokenizer_for(args: argparse.Namespace, saved: Dict[str, Any], padded_vocab: int):
-    """The GPT-2 tokenizer of --vocab-file/--merge-file, else of the files the run trained
-    with; ValueError naming the flag when a file is missing or does not fit the model."""
-    from megatron.tokenizer import build_tokenizer
-
-    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    files = {}
-    for flag, key, given in (("--vocab-file", "vocab_file", args.vocab_file),
-                             ("--merge-file", "merge_file", args.merge_file)):
-        path = given or data.get(key)
-        if path is None:
-            raise ValueError(f"--load {args.load} does not record its {flag}: pass {flag}")
-        if not os.path.isfile(path):
-            how = "given" if given else f"the run's {flag}, recorded in the checkpoint,"
-            raise ValueError(f"{flag} {path} ({how}) does not exist: pass {flag}")
-        files[key] = path
-    divisor = int(data.get("make_vocab_size_divisible_by", 128))
-    tokenizer = build_tokenizer(data.get("tokenizer_type", "GPT2BPETokenizer"),
-                                files["vocab_file"], files["merge_file"],
-                                make_vocab_size_divisible_by=divisor)
-    if tokenizer.padded_vocab_size != padded_vocab:
-        raise ValueError(f"--vocab-file {files['vocab_file']} has {tokenizer.vocab_size} tokens "
-                         f"(padded to {tokenizer.padded_vocab_size}), but the model's padded "
-                         f"vocabulary is {padded_vocab}: not the vocabulary it was trained with")
-    return tokenizer
 
 
 def model_config(args: argparse.Namespace):
@@ -310,11 +262,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
         prompts = read_prompts(args)
         config = model_config(args)
-        tokenizer = build_tokenizer_for(args, saved_run_args(args.load),
-                                        config.padded_vocab_size)
+        from megatron.checkpoint_model import checkpoint_tokenizer, load_model, saved_run_args
+
+        *_, tokenizer = checkpoint_tokenizer(saved_run_args(args.load), config.padded_vocab_size,
+                                             args.vocab_file, args.merge_file)
         encoded = encode_prompts(prompts, tokenizer, config, args.max_new_tokens)
         device = pick_device(args.device)
-        from megatron.checkpoint_model import load_model
 
         model, iteration = load_model(args.load, config, device)
         routing = routing_summary(config)
@@ -324,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_json(args.output_json, args, iteration, routing, records)
             print(f"wrote {args.output_json}", flush=True)
     except (ValueError, OSError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print(error_line(PROG, e), file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -44,6 +44,7 @@ for path in (REPO, TOOLS):
         sys.path.insert(0, path)
 
 import study_plots  # noqa: E402
+from megatron.cli import OneLineParser, error_line  # noqa: E402
 from study_configs import (COMPARED, D2S_THRESHOLD, DEFAULT_KINDS, StudyConfig,  # noqa: E402
                            StudySettings, check_extra_args, iterations_for_tokens, select_configs,
                            training_flags)
@@ -63,20 +64,12 @@ SETTING_FLAGS = {"warmup_iters": "--lr-warmup-fraction (warmup iterations)",
                  "min_capacity": "--moe-min-capacity"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, whose errors are one line (no usage text before it)."""
-
-    def error(self, message: str):
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     """(the study's arguments, the arguments after `--` for every pretrain_gpt.py run)."""
     argv = list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     ours = argv[:argv.index("--")] if "--" in argv else argv
-    p = _Parser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()),
+    p = OneLineParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()),
                 epilog="Arguments after `--` go to every pretrain_gpt.py run (e.g. -- --bf16).",
                 allow_abbrev=False)
     a = p.add_argument
@@ -276,7 +269,11 @@ def _on_sigint(*_) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(error_line(PROG, e), file=sys.stderr, flush=True)
+        return 2
     previous = {sig: signal.signal(sig, handler)
                 for sig, handler in ((signal.SIGTERM, _on_sigterm), (signal.SIGINT, _on_sigint))}
     try:

@@ -41,21 +41,16 @@ from typing import Any, Dict, List, Optional, Sequence
 # Run as a script: import the megatron next to it (as pretrain_gpt.py does).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.cli import OneLineParser, error_line  # noqa: E402
+
 PROG = "threshold_sweep.py"
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _LAYER_KEYS = ("wanted_per_token", "used_per_token", "dropped_fraction", "flops_vs_all",
                "flops_vs_dense")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are ValueErrors, printed by main as one line."""
-
-    def error(self, message: str) -> None:   # type: ignore[override]
-        raise ValueError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="Checkpoint directory (pretrain_gpt --save).")
     p.add_argument("--data-path", nargs="+", required=True, help="As pretrain_gpt.py's.")
     p.add_argument("--vocab-file", required=True)
@@ -290,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(table_lines(rows)), flush=True)
         print("\n".join(write_outputs(report, args.out)), flush=True)
     except (ValueError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print(error_line(PROG, e), file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -34,8 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from megatron.checkpoint_check import (MODEL_FILENAME, check_intact, pointed_tag_dir,
-                                       saved_model_args)
+from megatron.checkpoint_check import check_intact, pointed_tag_dir, saved_model_args
 from megatron.config import GPTConfig
 from megatron.hf.gpt2 import (gpt2_config_kwargs, is_dense, not_stock_gpt2_reason,
                               to_gpt2_state_dict)
@@ -107,53 +106,16 @@ def staged_directory(out_dir: str) -> Iterator[str]:
 def read_checkpoint(load_dir: str) -> Tuple[GPTConfig, Dict[str, Any]]:
     """(model config, saved run arguments) of the checkpoint `load_dir`'s pointer names;
     ValueError when it is missing, incomplete or not one of ours."""
-    from megatron.checkpoint_model import model_config_from_saved
+    from megatron.checkpoint_model import model_config_from_saved, saved_run_args
 
     tag_dir = pointed_tag_dir(load_dir)
     check_intact(load_dir, os.path.basename(tag_dir))
-    path = os.path.join(tag_dir, MODEL_FILENAME)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:      # a pickle of another program, a file torch cannot read
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    args = state.get("args") if isinstance(state, dict) else None
+    args = saved_run_args(load_dir)         # ValueError: a file torch cannot read
     saved = saved_model_args(tag_dir)
-    if not isinstance(saved, dict) or not isinstance(state.get("module"), dict):
-        raise ValueError(f"{tag_dir} is not an xmoe checkpoint (no saved model flags or no "
-                         "'module' state dict): its architecture is unknown")
-    return model_config_from_saved(saved), args if isinstance(args, dict) else {}
-
-
-def tokenizer_files(args: Dict[str, Any], vocab_file: Optional[str], merge_file: Optional[str],
-                    config: GPTConfig) -> Tuple[str, str, Any]:
-    """(vocab, merges, our tokenizer): the files given, else the ones the run recorded;
-    ValueError naming a missing file or a vocabulary that does not fit the model."""
-    from megatron.tokenizer import TokenizerError, build_tokenizer
-
-    data = args.get("data") or {}
-    chosen = []
-    for given, key, flag in ((vocab_file, "vocab_file", "--vocab-file"),
-                             (merge_file, "merge_file", "--merge-file")):
-        path = given or data.get(key)
-        if path is None:
-            raise ValueError(f"the checkpoint does not record its {flag}: give {flag}")
-        if not os.path.isfile(path):
-            origin = "given" if given else "the model was trained with"
-            raise ValueError(f"the {flag} {origin}, {path}, does not exist: give {flag}")
-        chosen.append(path)
-    divisible_by = int(data.get("make_vocab_size_divisible_by", 128))
-    try:
-        tokenizer = build_tokenizer(data.get("tokenizer_type", "GPT2BPETokenizer"), *chosen,
-                                    make_vocab_size_divisible_by=divisible_by)
-    except TokenizerError as e:
-        raise ValueError(str(e)) from None
-    if tokenizer.padded_vocab_size != config.padded_vocab_size:
-        raise ValueError(f"{chosen[0]} has {tokenizer.vocab_size} tokens (padded to "
-                         f"{tokenizer.padded_vocab_size} with --make-vocab-size-divisible-by "
-                         f"{divisible_by}); the model's embedding has {config.padded_vocab_size}"
-                         " rows: not the vocabulary it was trained with")
-    return chosen[0], chosen[1], tokenizer
+    if not isinstance(saved, dict):
+        raise ValueError(f"{tag_dir} is not an xmoe checkpoint (no saved model flags): its "
+                         "architecture is unknown")
+    return model_config_from_saved(saved), args
 
 
 # ----------------------------------------------------------------------------- writing
@@ -246,11 +208,12 @@ def export_checkpoint(load_dir: str, out_dir: str, *, force: bool = False,
                       vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
                       verify: bool = True) -> ExportResult:
     """Write the Hugging Face directory `out_dir` of checkpoint `load_dir` (module docstring)."""
-    from megatron.checkpoint_model import load_model
+    from megatron.checkpoint_model import checkpoint_tokenizer, load_model
 
     check_out_dir(out_dir, force, [load_dir])
     config, args = read_checkpoint(load_dir)
-    vocab, merges, tokenizer = tokenizer_files(args, vocab_file, merge_file, config)
+    vocab, merges, tokenizer = checkpoint_tokenizer(args, config.padded_vocab_size, vocab_file,
+                                                    merge_file)
     model, iteration = load_model(load_dir, config, "cpu")
     notes: List[str] = []
     if not is_dense(config):
