@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from megatron.checkpoint_args import LEGACY_ACTIVATION, model_differences
 from megatron.checkpoint_check import saved_model_config
@@ -80,13 +81,18 @@ class RunConfig:
 
 def build_data_config(args: argparse.Namespace) -> DataConfig:
     """The data config alone: the entry point builds the tokenizer (hence the padded vocabulary
-    size build_configs needs) from it."""
+    size build_configs needs) from it. The vocabulary files are recorded as absolute paths: the
+    checkpoint keeps them, and tools run from another directory (generation, export) find them."""
     return DataConfig(
         data_path=tuple(args.data_path or ()), split=args.split,
         data_cache_path=args.data_cache_path, num_workers=args.num_workers,
-        tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
+        tokenizer_type=args.tokenizer_type, vocab_file=_absolute(args.vocab_file),
+        merge_file=_absolute(args.merge_file),
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return None if path is None else os.path.abspath(path)
 
 
 def build_configs(args: argparse.Namespace, padded_vocab_size: int) -> RunConfig:

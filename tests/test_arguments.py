@@ -577,3 +577,14 @@ def test_data_path_suggests_the_prefix_that_exists(files):
         message = rejects(argv, f"--data-path: {given}.bin not found",
                           f"did you mean {files['data']}")
         assert "\n" not in message
+
+
+def test_vocabulary_files_are_recorded_as_absolute_paths(files, monkeypatch):
+    """The checkpoint keeps the run's vocab/merge paths for generation and export, which may
+    run from another directory: relative paths are made absolute when the run starts."""
+    monkeypatch.chdir(files["dir"])
+    argv = small_argv(files)
+    argv[argv.index(files["vocab"])] = "vocab.json"
+    argv[argv.index(files["merges"])] = "merges.txt"
+    data = configs(argv).data
+    assert (data.vocab_file, data.merge_file) == (files["vocab"], files["merges"])
