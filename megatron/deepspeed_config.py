@@ -173,11 +173,7 @@ def deepspeed_config_dict(run: RunConfig) -> dict:
 def _adapt_for_engine(config: dict, path: str) -> None:
     """Make a user's (validated) JSON one DeepSpeed 0.19.8 runs with this trainer, in place, and
     say what changed in one line on rank 0:
-    - switched-off LEGACY_SECTIONS are left out (DeepSpeed refuses the key whatever its value);
-    - wall_clock_breakdown true (Megatron-DeepSpeed's templates) is turned off: the engine
-      starts its backward timers from hooks on the forward's output tensors, and the model
-      returns a GPTOutput, which it does not look into, so the first backward fails
-      ("timer is not started"). The log lines give the time per iteration.
+    switched-off LEGACY_SECTIONS are left out (DeepSpeed refuses the key whatever its value).
     """
     notes = []
     dropped = [key for key in LEGACY_SECTIONS if key in config]
@@ -187,10 +183,6 @@ def _adapt_for_engine(config: dict, path: str) -> None:
         names = ", ".join(f'"{key}"' for key in dropped)
         notes.append(f"left out the switched-off legacy section(s) {names}, which DeepSpeed no "
                      "longer accepts (deepspeedai/DeepSpeed#8489)")
-    if config.get("wall_clock_breakdown"):
-        config["wall_clock_breakdown"] = False
-        notes.append("turned off wall_clock_breakdown (DeepSpeed's timers do not see this "
-                     "trainer's forward; the log lines give the time per iteration)")
     if notes:
         from megatron.initialize import print_rank_0  # torch: only where the engine is built
 

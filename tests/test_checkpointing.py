@@ -627,3 +627,18 @@ def test_every_rank_raises_rank_0s_verdict(tmp_path):
     assert rank0[0].startswith(f"--load {tmp_path / 'ckpt'} holds 1 checkpoint (iter_0000003) "
                                "but no ")
     assert rank0[1].startswith(f"--save {tmp_path / 'ckpt'} already holds checkpoints")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_sees_the_model_output_and_runs_its_backward_prologue(deepspeed, stage,
+                                                                       monkeypatch):
+    """engine.forward hooks DeepSpeed's backward prologue (ZeRO's gradient-accumulation
+    bookkeeping, its timers) onto the output's tensors; with an output type it cannot look
+    into, the prologue never ran (and wall_clock_breakdown crashed)."""
+    run = Run(deepspeed, "gpt", stage, seed=0)
+    calls = []
+    real = run.engine._backward_prologue
+    monkeypatch.setattr(run.engine, "_backward_prologue", lambda: (calls.append(1), real()))
+    run.step()
+    run.step()
+    assert len(calls) == 2

@@ -6,8 +6,7 @@ Letters: B batch, S sequence, H hidden, V padded vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,13 @@ from megatron.model.moe import MoELayer, MoEStats, named_expert_parameters
 from megatron.model.transformer import Transformer
 
 
-@dataclass(frozen=True)
-class GPTOutput:
-    """logits [B, S, V] (params dtype) only without labels; loss [B, S] fp32 only with labels."""
+class GPTOutput(NamedTuple):
+    """logits [B, S, V] (params dtype) only without labels; loss [B, S] fp32 only with labels.
+
+    A NamedTuple, not a dataclass: DeepSpeed's engine hooks its backward prologue (ZeRO's
+    accumulation-boundary bookkeeping, its timers) onto the tensors of the model's output, and
+    it finds them in tuples, lists and dicts only.
+    """
 
     logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor]
