@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs test_moe_kernels.py directly")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(ROOT / "tests" / "model" / "test_moe_kernels.py"),
                            str(ROOT / "tests" / "model" / "test_capacity_kernels.py"),
