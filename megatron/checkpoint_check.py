@@ -225,25 +225,35 @@ def saved_model_args(tag_dir: str) -> Optional[Dict[str, Any]]:
     return args.get("model") if isinstance(args, dict) else None
 
 
+def read_tracker(load_dir: str) -> Optional[str]:
+    """The tag the pointer names ("iter_0000100" or "release"), or None without a pointer."""
+    path = tracker_path(load_dir)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if text == "release":
+        return "release"
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise ValueError(f"{path} must hold one integer iteration (or 'release'), got "
+                         f"{text!r}") from None
+    if iteration < 0:
+        raise ValueError(f"{path} holds a negative iteration {iteration}")
+    return checkpoint_tag(iteration)
+
+
 def pointed_tag_dir(load_dir: str) -> str:
     """The checkpoint directory the pointer of `load_dir` names (torch-free); ValueError naming
     what is missing (the directory, the pointer, the checkpoint it names)."""
     if not os.path.isdir(load_dir):
         raise ValueError(f"--load {load_dir} does not exist")
-    path = tracker_path(load_dir)
-    if not os.path.isfile(path):
+    tag = read_tracker(load_dir)
+    if tag is None:
         check_unpointed(load_dir)           # iter_* without the pointer: its own message
         raise ValueError(f"--load {load_dir} holds no checkpoint (no {TRACKER_FILENAME})")
-    with open(path) as f:
-        text = f.read().strip()
-    if text == "release":
-        tag = "release"
-    else:
-        try:
-            tag = checkpoint_tag(int(text))
-        except ValueError:
-            raise ValueError(f"{path} must hold one integer iteration (or 'release'), got "
-                             f"{text!r}") from None
+    path = tracker_path(load_dir)
     tag_dir = os.path.join(load_dir, tag)
     if not os.path.isdir(tag_dir):
         raise ValueError(f"{path} names checkpoint {tag!r}, but {tag_dir} does not exist")

@@ -36,9 +36,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from megatron.checkpoint_check import (  # noqa: F401  (checkpoint_tag, tracker_path: re-exported)
+from megatron.checkpoint_check import (  # noqa: F401  (checkpoint_tag, tracker_path, read_tracker: re-exported)
     TMP_PREFIX, TRACKER_FILENAME, CheckpointWriteError, check_loadable, check_save_dir,
-    check_unpointed, checkpoint_tag, remove_stale_saves, tracker_path, write_failure)
+    check_unpointed, checkpoint_tag, read_tracker, remove_stale_saves, tracker_path,
+    write_failure)
 from megatron.expert_checkpoint import (check_layout, load_expert_shard, save_expert_shard,
                                         write_layout)
 from megatron.fileio import atomic_write
@@ -210,25 +211,6 @@ def prepare_save_dir(save_dir: str, load_dir: Optional[str], loaded_iteration: O
         for path in remove_stale_saves(save_dir):
             logger.warning("removed %s: a save that did not finish", path)
     _barrier()
-
-
-def read_tracker(load_dir: str) -> Optional[str]:
-    """The tag the pointer names ("iter_0000100" or "release"), or None without a pointer."""
-    path = tracker_path(load_dir)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    if text == "release":
-        return "release"
-    try:
-        iteration = int(text)
-    except ValueError:
-        raise ValueError(f"{path} must hold one integer iteration (or 'release'), got "
-                         f"{text!r}") from None
-    if iteration < 0:
-        raise ValueError(f"{path} holds a negative iteration {iteration}")
-    return checkpoint_tag(iteration)
 
 
 def _resolve_tag_dir(load_dir: str, tag: str) -> None:
