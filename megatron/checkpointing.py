@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from megatron.checkpoint_check import (  # noqa: F401  (checkpoint_tag, tracker_path, read_tracker: re-exported)
+from megatron.checkpoint_check import (  # noqa: F401  (some names re-exported)
     TMP_PREFIX, TRACKER_FILENAME, CheckpointWriteError, check_loadable, check_save_dir,
     check_unpointed, checkpoint_tag, read_tracker, remove_stale_saves, tracker_path,
     write_failure)
