@@ -285,14 +285,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def earlier_records(out_dir: str, configs: List[StudyConfig]) -> List[dict]:
     """Finished configurations of this study not selected by this run's --configs (study.json
-    matched, so they are comparable): the tables keep them, in the default order."""
+    matched, so they are comparable): the tables keep them."""
     runs = os.path.join(out_dir, "runs")
     names = {c.name for c in configs}
     found = [read_json(os.path.join(runs, name, "result.json"))
              for name in (sorted(os.listdir(runs)) if os.path.isdir(runs) else [])
              if name not in names]
+    return [r for r in found if r is not None]
+
+
+def in_default_order(records: List[dict]) -> List[dict]:
+    """The tables and plots list configurations in DEFAULT_KINDS order, whichever run (or
+    --configs order) finished them."""
     order = {kind: k for k, kind in enumerate(DEFAULT_KINDS)}
-    return sorted((r for r in found if r is not None), key=lambda r: order.get(r["kind"], 99))
+    return sorted(records, key=lambda r: order.get(r["kind"], len(order)))
 
 
 def _main(args: argparse.Namespace, extra: List[str]) -> int:
@@ -337,7 +343,8 @@ def _run_all(args, settings: StudySettings, configs: List[StudyConfig], launcher
     for k, config in enumerate(configs):
         records.append(run_config(study, config))
         pending = [c.name for c in configs[k + 1:]]
-        write_outputs(out_dir, settings, records + earlier_records(out_dir, configs), pending)
+        write_outputs(out_dir, settings,
+                      in_default_order(records + earlier_records(out_dir, configs)), pending)
         if args.stop_after is not None and len(records) >= args.stop_after and pending:
             print(f"== stopped after {len(records)} configuration(s) (--stop-after); rerun to "
                   "go on", flush=True)

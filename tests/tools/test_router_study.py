@@ -254,6 +254,12 @@ def test_results_table_sweep_table_and_plots(tmp_path, capsys):
     assert not list(tmp_path.glob(".*"))          # no temporaries left
 
 
+def test_tables_list_configurations_in_the_default_order_whichever_run_finished_them():
+    finished = [{"name": k, "kind": k} for k in ("switch", "dense", "d2s", "topk2")]
+    assert [r["kind"] for r in router_study.in_default_order(finished)] == \
+        ["dense", "topk2", "switch", "d2s"]
+
+
 def test_without_matplotlib_tables_are_written_and_the_install_named(tmp_path, capsys,
                                                                       monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
