@@ -5,10 +5,10 @@
 
 Ours: MoELayer (threshold router -> sorted dispatch -> grouped GEMM -> fp32 combine), in both
 dispatch variants (exact: one host sync per layer; sync-free: padded buffer, no sync), with
-routing eager or compiled, and the row traffic as Triton kernels (default on CUDA) or torch ops
-(OURS_VARIANTS). --profile prints each variant's GPU kernel time and top kernels;
---check-nan reruns each variant on memory pre-filled with NaN and checks every gradient;
---cuda-graph replays every variant without host syncs as a captured CUDA graph (GPU time without
+routing eager or compiled, and --moe-backend triton (the default on CUDA: Triton kernels around
+the grouped GEMMs) or torch (OURS_VARIANTS). --profile prints each variant's GPU kernel time
+and top kernels; --check-nan reruns each variant on memory pre-filled with NaN and checks every
+gradient; --cuda-graph replays every variant without host syncs as a captured CUDA graph (GPU time without
 host overhead: the robust ratio, since eager and even reduce-overhead steps are host-bound on
 the device's VM).
 Baselines, run in the same process on the same weights and routing decisions:
@@ -47,17 +47,15 @@ from megatron.model.moe.dispatch import make_plan  # noqa: E402
 
 
 # Our layer's variants: dispatch (exact: one host sync; sync-free: padded buffer), routing
-# eager or torch.compile'd, and the row traffic as Triton kernels ("auto" on CUDA) or torch ops.
+# eager or torch.compile'd, and the backend (auto: triton on CUDA, torch on CPU).
 OURS_VARIANTS = [
-    ("ours exact, torch ops", dict(sync_free=False, compile_routing=False, kernels="torch")),
-    ("ours exact", dict(sync_free=False, compile_routing=False, kernels="auto")),
-    ("ours sync-free", dict(sync_free=True, compile_routing=False, kernels="auto")),
+    ("ours exact, torch ops", dict(sync_free=False, compile_routing=False, backend="torch")),
+    ("ours exact", dict(sync_free=False, compile_routing=False, backend="auto")),
+    ("ours sync-free", dict(sync_free=True, compile_routing=False, backend="auto")),
     ("ours exact, rt compiled, torch", dict(sync_free=False, compile_routing=True,
-                                            kernels="torch")),
-    ("ours exact, routing compiled", dict(sync_free=False, compile_routing=True, kernels="auto")),
-    ("ours sync-free, rt compiled", dict(sync_free=True, compile_routing=True, kernels="auto")),
-    ("ours sync-free rtc fused gemm", dict(sync_free=True, compile_routing=True,
-                                          kernels="auto", expert_gemm="fused")),
+                                            backend="torch")),
+    ("ours exact, routing compiled", dict(sync_free=False, compile_routing=True, backend="auto")),
+    ("ours sync-free, rt compiled", dict(sync_free=True, compile_routing=True, backend="auto")),
 ]
 
 
@@ -76,7 +74,6 @@ def parse_args() -> argparse.Namespace:
                    help="tune the router scale so tokens take this many experts on average")
     p.add_argument("--capacity-factor", type=float, default=8.0,
                    help="capacity factor of ours and of baseline (a); 0 = dropless for ours")
-    p.add_argument("--expert-impl", default="auto", choices=["auto", "grouped", "loop"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--compile", nargs="*", default=None, metavar="MODE",
@@ -235,6 +232,12 @@ def check_finite_with_dirty_memory(step: Callable[[], None], layer: MoELayer,
 
 # ----------------------------------------------------------------------------- setup
 
+def use_config(layer: MoELayer, config: MoEConfig) -> None:
+    """Run `layer` with another variant's config, the same weights (and its backend)."""
+    layer.config = config
+    layer.resolve_backend()
+
+
 @torch.no_grad()
 def tune_router_scale(layer: MoELayer, x_TD: torch.Tensor, target: float) -> float:
     """Scale gate_weight so the mean experts per token is ~target (bisection on log scale)."""
@@ -317,7 +320,7 @@ def main() -> None:
     drop = args.capacity_factor > 0
     cfg = MoEConfig(router="threshold", ffn_hidden_size=Fh, threshold=args.threshold,
                     train_capacity_factor=args.capacity_factor if drop else 1.0,
-                    drop_tokens=drop, expert_impl=args.expert_impl)
+                    drop_tokens=drop)
     layer = MoELayer(cfg, D, E, init_std=0.02, output_init_std=0.02 / math.sqrt(24),
                      layer_number=1, params_dtype=dtype).to(device).train()
     x = torch.randn(T, D, device=device, dtype=dtype)
@@ -331,8 +334,7 @@ def main() -> None:
     C_a = math.ceil(T / E * 8.0)
     F_dense = round(kept / T * Fh)
     print(f"device={device} dtype={args.dtype} T={T} D={D} E={E} F={Fh} threshold={args.threshold}"
-          f" capacity_factor={args.capacity_factor} expert_impl={args.expert_impl}"
-          f" grouped={layer.experts.use_grouped(x)}")
+          f" capacity_factor={args.capacity_factor}\nlayer backend: {layer.backend}")
     print(f"router scale={scale:.3g}: mean experts/token wanted={wanted:.3f} "
           f"kept={kept / T:.3f} (target {args.target_experts}); capacity ours="
           f"{decision.capacity}, baseline (a) C={C_a}; dense F={F_dense}")
@@ -391,7 +393,7 @@ def main() -> None:
                  ("router only (ours)", None, router_step)]
     for name, overrides, step in variants:
         if overrides is not None:
-            layer.config = dataclasses.replace(cfg, **overrides)
+            use_config(layer, dataclasses.replace(cfg, **overrides))
         ms = time_step(step, device, args.warmup + (3 if "compiled" in name else 0), args.iters,
                        fresh_grads)
         if overrides is not None and args.check_nan:
@@ -415,7 +417,7 @@ def main() -> None:
         time_graphs(variants, cfg, layer, sync_counts, rows, flop_per_row, results, args,
                     fresh_grads)
     if args.compile is not None:
-        layer.config = dataclasses.replace(cfg, sync_free=True)
+        use_config(layer, dataclasses.replace(cfg, sync_free=True))
         for mode in args.compile or ["default"]:
             time_compiled(layer, dense, x_req, grad, mode, device, args, results, fresh_grads)
 
@@ -432,7 +434,7 @@ def time_graphs(variants, cfg, layer, sync_counts, rows, flop_per_row, results, 
             print(f"{name:<30}{'-':>12}{'-':>10}  (host syncs: not capturable)")
             continue
         if overrides is not None:
-            layer.config = dataclasses.replace(cfg, **overrides)
+            use_config(layer, dataclasses.replace(cfg, **overrides))
         try:
             ms = graph_time(step, args.warmup, args.iters, fresh_grads)
         except Exception as e:  # report and go on: one run should tell everything it can
@@ -441,7 +443,7 @@ def time_graphs(variants, cfg, layer, sync_counts, rows, flop_per_row, results, 
         graphs[name] = ms
         tflops = flop_per_row * rows[name] / (ms * 1e-3) / 1e12
         print(f"{name:<30}{ms:>12.3f}{(f'{tflops:.3g}' if tflops else '-'):>10}")
-    layer.config = cfg
+    use_config(layer, cfg)
     dense, padded = graphs.get("(b) dense FFN"), graphs.get("(a) capacity-padded")
     for name, ms in graphs.items():
         if not name.startswith("ours"):
@@ -494,7 +496,7 @@ def time_compiled_exact(layer, x_req, grad, mode: str, device, args, results,
     vary per step) under torch.compile(mode). The benchmark's inputs are fixed, so shapes
     repeat here; real training sees a new kept count every step (dynamic shapes)."""
     cfg = layer.config
-    layer.config = dataclasses.replace(cfg, sync_free=False)
+    use_config(layer, dataclasses.replace(cfg, sync_free=False))
     torch._dynamo.reset()
     try:
         c_layer = torch.compile(layer, mode=mode)
@@ -512,7 +514,7 @@ def time_compiled_exact(layer, x_req, grad, mode: str, device, args, results,
         traceback.print_exc()
         return
     finally:
-        layer.config = cfg
+        use_config(layer, cfg)
     print(f"compiled ({mode}): ours exact {ms:.3f} ms ({syncs} syncs) -> {ms / ms_dense:.2f}x "
           f"the time of compiled (b); {results['(a) capacity-padded'] / ms:.1f}x faster than "
           f"eager (a)")

@@ -1,4 +1,5 @@
-"""Sweep tiles and launch settings of the router GEMM kernels (megatron/model/moe/router_gemm.py).
+"""Sweep tiles and launch settings of the router GEMM kernels
+(megatron/model/moe/kernels/router_gemm.py).
 
 Kernel time only (launches captured in a CUDA graph, as tune_row_kernels.py), at the moe_layer
 benchmark's shapes (T = 16,384, D = 768, E = 64, bf16 activations, fp32 gate). Prints the
@@ -20,7 +21,7 @@ from triton.runtime.errors import OutOfResources
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tune_row_kernels import kernel_us, report  # noqa: E402
-from megatron.model.moe import router_gemm as R  # noqa: E402
+from megatron.model.moe.kernels import router_gemm as R  # noqa: E402
 
 T, D, E = 16384, 768, 64
 
@@ -45,23 +46,23 @@ def main() -> None:
     results = []
     for bt, bd, warps, stages in itertools.product([32, 64, 128, 256], [64, 128, 256], [4, 8],
                                                    [2, 3, 4]):
-        results.append((time_or_skip(lambda: R._logits_kernel[(triton.cdiv(T, bt),)](
+        results.append((time_or_skip(lambda: R.logits_kernel[(triton.cdiv(T, bt),)](
             x, gate, logits, T, E, D=D, SPLIT=True, BT=bt, BE=64, BD=bd, num_warps=warps,
             num_stages=stages)), bt, bd, warps, stages))
-    current = kernel_us(lambda: R._logits_kernel[(triton.cdiv(T, R._LOGITS["BT"]),)](
-        x, gate, logits, T, E, D=D, SPLIT=True, BE=64, **R._LOGITS))
+    current = kernel_us(lambda: R.logits_kernel[(triton.cdiv(T, R.LOGITS_TILES["BT"]),)](
+        x, gate, logits, T, E, D=D, SPLIT=True, BE=64, **R.LOGITS_TILES))
     report("logits", current, results, ("BT", "BD", "warps", "stages"))
 
     results = []
     for bt, bd, warps, stages in itertools.product([32, 64, 128, 256], [64, 128, 256], [4, 8],
                                                    [1, 2, 3]):
-        results.append((time_or_skip(lambda: R._grad_x_kernel[(triton.cdiv(T, bt),
+        results.append((time_or_skip(lambda: R.grad_x_kernel[(triton.cdiv(T, bt),
                                                             triton.cdiv(D, bd))](
             grad_TE, gate, grad_x, T, E, D=D, SPLIT=True, BT=bt, BE=64, BD=bd, num_warps=warps,
             num_stages=stages)), bt, bd, warps, stages))
-    current = kernel_us(lambda: R._grad_x_kernel[(triton.cdiv(T, R._GRAD_X["BT"]),
-                                                  triton.cdiv(D, R._GRAD_X["BD"]))](
-        grad_TE, gate, grad_x, T, E, D=D, SPLIT=True, BE=64, **R._GRAD_X))
+    current = kernel_us(lambda: R.grad_x_kernel[(triton.cdiv(T, R.GRAD_X_TILES["BT"]),
+                                                  triton.cdiv(D, R.GRAD_X_TILES["BD"]))](
+        grad_TE, gate, grad_x, T, E, D=D, SPLIT=True, BE=64, **R.GRAD_X_TILES))
     report("grad_x", current, results, ("BT", "BD", "warps", "stages"))
 
     results = []
@@ -73,7 +74,7 @@ def main() -> None:
 
         def grad_gate(bt=bt, bd=bd, warps=warps, stages=stages, rows_per_chunk=rows_per_chunk,
                       partial=partial):
-            R._grad_gate_kernel[(triton.cdiv(D, bd), partial.shape[0])](
+            R.grad_gate_kernel[(triton.cdiv(D, bd), partial.shape[0])](
                 grad_TE, x, partial, T, E, rows_per_chunk, D=D, SPLIT=True, BT=bt, BE=64, BD=bd,
                 num_warps=warps, num_stages=stages)
             return partial.sum(0)
@@ -82,7 +83,7 @@ def main() -> None:
     partial = torch.empty(n_chunks, E, D, device=dev)
 
     def current_grad_gate():
-        R._grad_gate_kernel[(triton.cdiv(D, tiles["BD"]), n_chunks)](
+        R.grad_gate_kernel[(triton.cdiv(D, tiles["BD"]), n_chunks)](
             grad_TE, x, partial, T, E, rows_per_chunk, D=D, SPLIT=True, BE=64, **tiles)
         return partial.sum(0)
     current = kernel_us(current_grad_gate)

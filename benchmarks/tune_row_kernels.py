@@ -1,4 +1,4 @@
-"""Sweep launch settings of the MoE row kernels (megatron/model/moe/kernels.py) on a GPU.
+"""Sweep launch settings of the MoE row kernels (megatron/model/moe/kernels/rows.py) on a GPU.
 
 Row kernels: rows per step x warps x programs per SM; GeLU: rows x column chunk x warps x
 programs per SM; combine backward (per-expert slices, with dL/db2): rows x warps x programs per
@@ -6,7 +6,7 @@ SM; bag sums: warps; segment sums: tile and warps. Kernel time only (20 launches
 CUDA graph, best of 5 replays: the device VM's ~60 us of host time per Triton launch would
 otherwise hide the kernels), at the moe_layer benchmark's shapes (T = 16,384, D = 768, F = 384,
 E = 64, 3 T kept rows). Prints the launchers' current setting and the four best of the sweep;
-kernels.py holds the choice.
+kernels/rows.py holds the choice.
 
     python benchmarks/tune_row_kernels.py
 """
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron.config import DEFAULT_ACTIVATION  # noqa: E402
-from megatron.model.moe import kernels as K  # noqa: E402
-from megatron.model.moe.gelu_triton import act_code  # noqa: E402
+from megatron.model.moe.kernels import rows as K  # noqa: E402
+from megatron.model.moe.kernels.gelu import act_code  # noqa: E402
 
 T, D, F, E = 16384, 768, 384, 64
 
@@ -76,20 +76,20 @@ def main() -> None:
     row_cases = {
         "gather": lambda: K.gather_rows(x, token_P, offs, bf),
     }
-    saved = (K._rows, K._warps, K._row_grid)
+    saved = (K.rows_per_step, K.warps_for, K.row_grid)
     try:
         for name, fn in row_cases.items():
-            K._rows, K._warps, K._row_grid = saved
+            K.rows_per_step, K.warps_for, K.row_grid = saved
             current, results = kernel_us(fn), []
             for rows, warps, per_sm in itertools.product([2, 4, 8, 16], [4, 8, 16],
                                                          [4, 8, 16, 32]):
-                K._rows = lambda block, r=rows: r
-                K._warps = lambda block, wp=warps: wp
-                K._row_grid = lambda device, n, ps=per_sm: (max(1, min(n, sms * ps)),)
+                K.rows_per_step = lambda block, r=rows: r
+                K.warps_for = lambda block, wp=warps: wp
+                K.row_grid = lambda device, n, ps=per_sm: (max(1, min(n, sms * ps)),)
                 results.append((kernel_us(fn), rows, warps, per_sm))
             report(name, current, results, ("rows", "warps", "per_sm"))
     finally:
-        K._rows, K._warps, K._row_grid = saved
+        K.rows_per_step, K.warps_for, K.row_grid = saved
 
     def expert_grid(per_sm: int) -> tuple:
         return (E, -(-sms * per_sm // E))
@@ -99,7 +99,7 @@ def main() -> None:
         out, results = torch.empty_like(h), []
         for rows, cols, warps, per_sm in itertools.product([4, 8, 16, 32], [64, 128], [4, 8],
                                                            [4, 8, 16]):
-            results.append((kernel_us(lambda: K._gelu_kernel[(sms * per_sm,)](
+            results.append((kernel_us(lambda: K.gelu_kernel[(sms * per_sm,)](
                 gh, h, b1, offs, out, E, F=F, HAS_BIAS=True, BACKWARD=backward, ACT=act,
                 ROWS=rows, COLS=cols, BLOCK_E=64, num_warps=warps)), rows, cols, warps,
                 per_sm))
@@ -112,7 +112,7 @@ def main() -> None:
     grad_y, grad_w = torch.empty_like(y), torch.empty_like(w)
     partial = torch.empty(E, sms * 32, D, dtype=torch.float32, device=dev)
     for rows, warps, per_sm in itertools.product([1, 2, 4, 8], [4, 8], [8, 16, 32]):
-        results.append((kernel_us(lambda: K._combine_backward_kernel[expert_grid(per_sm)](
+        results.append((kernel_us(lambda: K.combine_backward_kernel[expert_grid(per_sm)](
             grad_TD, y, w, b2, token_P, offs, grad_y, grad_w, partial, D=D, HAS_BIAS=True,
             BIAS_GRAD=True, ROWS=rows, BLOCK=1024, num_warps=warps)), rows, warps, per_sm))
     report("combine_backward (+ dL/db2)", kernel_us(lambda: K.combine_backward(
@@ -123,7 +123,7 @@ def main() -> None:
         results = []
         for warps in (1, 2, 4, 8):
             out = torch.empty(T, D, dtype=bf, device=dev)
-            results.append((kernel_us(lambda: K._bag_sum_kernel[(T,)](
+            results.append((kernel_us(lambda: K.bag_sum_kernel[(T,)](
                 y, rows_J, starts, w, b2, offs, out, T, E, D=D, HAS_WEIGHT=weighted,
                 HAS_BIAS=weighted, BLOCK=1024, BLOCK_E=64, num_warps=warps)), warps))
         report(f"bag_sum weighted={weighted}", kernel_us(lambda: K.bag_sum(*args)), results,
@@ -134,9 +134,8 @@ def main() -> None:
         out = torch.empty(E, width, dtype=torch.float32, device=dev)
         results = []
         for block, rows, warps in itertools.product([64, 128, 256], [16, 32, 64], [4, 8]):
-            results.append((kernel_us(lambda: K._segment_sum_kernel[(E, -(-width // block))](
-                src, offs, offs, offs, out, K=width, GATHER=False, HAS_SCALE=False, ROWS=rows,
-                BLOCK=block, num_warps=warps)),
+            results.append((kernel_us(lambda: K.segment_sum_kernel[(E, -(-width // block))](
+                src, offs, out, F=width, ROWS=rows, BLOCK=block, num_warps=warps)),
                 block, rows, warps))
         report(f"segment_sum width={width}", kernel_us(lambda: K.segment_sum(src, offs)),
                results, ("block", "rows", "warps"))

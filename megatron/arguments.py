@@ -33,11 +33,12 @@ Decisions (see each flag's help):
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional
 
-from megatron.config import EXPERT_GEMMS, MOE_KERNELS, moe_layer_numbers
+from megatron.config import MOE_BACKENDS, moe_layer_numbers
 from megatron.data.dataset_split import parse_data_path, parse_split
 from megatron.deepspeed_config import (  # noqa: F401  (re-exported for the entry point)
     check_deepspeed_args, deepspeed_config_dict, read_deepspeed_config)
@@ -47,6 +48,8 @@ from megatron.run_config import (  # noqa: F401  (re-exported: the entry point's
 ROUTER_FLAGS = (("use_threshold", "--use-threshold", "threshold"),
                 ("use_topk", "--use-topk", "topk"),
                 ("use_hash_layer", "--use-hash-layer", "hash"))
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +65,38 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     args.explicit_flags = _explicit_dests(argv)
+    _map_deprecated_moe_flags(args)
     return args
+
+
+def _map_deprecated_moe_flags(args: argparse.Namespace) -> None:
+    """--moe-kernels, --moe-expert-impl and --moe-expert-gemm (replaced by --moe-backend) onto
+    args.moe_backend, with one warning line each; an explicit --moe-backend wins."""
+    implied, notes = None, []
+    if args.moe_kernels is not None:
+        implied = args.moe_kernels
+        notes.append(f"--moe-kernels {args.moe_kernels} is deprecated: use --moe-backend "
+                     f"{args.moe_kernels}")
+    if args.moe_expert_impl == "loop":
+        implied = implied or "torch"
+        notes.append("--moe-expert-impl loop is deprecated: the per-expert loop is a test "
+                     "reference now; the experts run torch._grouped_mm (--moe-backend torch)")
+    elif args.moe_expert_impl is not None:
+        notes.append(f"--moe-expert-impl {args.moe_expert_impl} is deprecated and changes "
+                     "nothing: the experts run torch._grouped_mm")
+    if args.moe_expert_gemm == "fused":
+        notes.append("--moe-expert-gemm fused was retired (slower in every benchmark: "
+                     "benchmarks/HISTORY.md): the default runs; for less activation memory use "
+                     "--checkpoint-activations")
+    elif args.moe_expert_gemm is not None:
+        notes.append(f"--moe-expert-gemm {args.moe_expert_gemm} is deprecated and changes "
+                     "nothing: the experts run torch._grouped_mm")
+    if args.moe_backend is None:
+        args.moe_backend = implied or "auto"
+    elif implied is not None and implied != args.moe_backend:
+        notes.append(f"--moe-backend {args.moe_backend} wins over the deprecated flags")
+    for note in notes:
+        logger.warning(note)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,17 +206,18 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                         "statistics are overwritten by the next step's: read them at once, as "
                         "the trainer does. Ignored under --compile; not with "
                         "--checkpoint-activations.")
-    g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default="auto",
-                   help="Expert compute: grouped GEMM, per-expert loop, or auto.")
-    g.add_argument("--moe-kernels", choices=MOE_KERNELS, default="auto",
-                   help="Dispatch / GeLU / combine as Triton row kernels around the grouped "
-                        "GEMMs (auto: on CUDA when triton is installed) or as torch ops.")
-    g.add_argument("--moe-expert-gemm", choices=EXPERT_GEMMS, default="auto",
-                   help="With the Triton kernels: grouped_mm = torch._grouped_mm between row "
-                        "kernels (auto); fused = Triton grouped GEMMs that read token rows "
-                        "through the row index and apply bias / GeLU / combine weights in "
-                        "registers: same GPU time, less activation memory, more host time "
-                        "per step.")
+    g.add_argument("--moe-backend", choices=MOE_BACKENDS, default=None,
+                   help="Implementation of the MoE layers' router logits, capacity and experts: "
+                        "triton (Triton kernels around torch._grouped_mm; CUDA), torch (torch "
+                        "ops), auto (default: triton on CUDA when triton is installed, else "
+                        "torch).")
+    # Deprecated spellings of --moe-backend, mapped onto it by parse_args with a warning.
+    g.add_argument("--moe-kernels", choices=("auto", "triton", "torch"), default=None,
+                   help=argparse.SUPPRESS)
+    g.add_argument("--moe-expert-impl", choices=("auto", "grouped", "loop"), default=None,
+                   help=argparse.SUPPRESS)
+    g.add_argument("--moe-expert-gemm", choices=("auto", "grouped_mm", "fused"), default=None,
+                   help=argparse.SUPPRESS)
     g.add_argument("--sparse-mlp", action="store_true",
                    help="XMoE fork: use its MoE layer rather than DeepSpeed's. That is the only "
                         "MoE layer here, so this flag is accepted and changes nothing.")

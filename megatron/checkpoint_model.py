@@ -31,8 +31,8 @@ from megatron.checkpoint_check import (MODEL_FILENAME, check_intact, pointed_tag
 from megatron.config import OVERRIDABLE_ROUTING, GPTConfig, MoEConfig
 
 # MoEConfig fields that choose how a layer runs, not what it computes: back to the defaults.
-_RUN_SETTINGS = ("expert_impl", "sync_free", "expert_parallel_size", "compile_routing",
-                 "routing_cuda_graphs", "kernels", "expert_gemm")
+_RUN_SETTINGS = ("backend", "sync_free", "expert_parallel_size", "compile_routing",
+                 "routing_cuda_graphs")
 
 
 def model_config_from_saved(saved: Dict[str, Any], **routing: Any) -> GPTConfig:

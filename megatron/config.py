@@ -15,8 +15,7 @@ from typing import Optional, Tuple
 from megatron.data.dataset_split import parse_data_path, parse_split
 
 ROUTERS = ("threshold", "topk", "switch", "hash")
-MOE_KERNELS = ("auto", "triton", "torch")   # --moe-kernels (see megatron/model/moe/fused.py)
-EXPERT_GEMMS = ("auto", "fused", "grouped_mm")   # --moe-expert-gemm (Triton kernels only)
+MOE_BACKENDS = ("auto", "torch", "triton")   # --moe-backend (see megatron/model/moe/backend.py)
 PARAMS_DTYPES = ("fp32", "fp16", "bf16")
 # GeLU forms of the dense MLPs and experts (megatron/model/activations.py), chosen from Megatron's
 # --no-bias-gelu-fusion / --openai-gelu / --onnx-safe by megatron.run_config.gelu_form.
@@ -73,13 +72,11 @@ class MoEConfig:
     expert_bias: bool = True                        # Linear biases in experts (Megatron has them)
     hash_seed: int = 1234                           # seed of the frozen token -> expert map
     vocab_size: Optional[int] = None                # padded vocabulary (needed by hash routing)
-    expert_impl: str = "auto"                       # "auto" | "grouped" | "loop"
     sync_free: bool = False                         # upper-bound dispatch buffer, no host sync
     expert_parallel_size: int = 1                   # --moe-expert-parallel-size
     compile_routing: bool = False                   # --moe-compile-routing (torch.compile)
     routing_cuda_graphs: bool = False               # --moe-routing-cuda-graphs (on CUDA)
-    kernels: str = "auto"                           # --moe-kernels: auto | triton | torch
-    expert_gemm: str = "auto"                       # --moe-expert-gemm: auto | fused | grouped_mm
+    backend: str = "auto"                           # --moe-backend: auto | torch | triton
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -101,13 +98,9 @@ class MoEConfig:
             raise ValueError(f"--moe-min-capacity must be >= 0, got {self.min_capacity}")
         if self.router == "hash" and self.vocab_size is None:
             raise ValueError("hash routing needs the vocabulary size (vocab_size)")
-        if self.expert_impl not in ("auto", "grouped", "loop"):
-            raise ValueError(f"expert_impl must be auto, grouped or loop, got {self.expert_impl!r}")
-        if self.kernels not in MOE_KERNELS:
-            raise ValueError(f"--moe-kernels must be one of {MOE_KERNELS}, got {self.kernels!r}")
-        if self.expert_gemm not in EXPERT_GEMMS:
-            raise ValueError(f"--moe-expert-gemm must be one of {EXPERT_GEMMS}, got "
-                             f"{self.expert_gemm!r}")
+        if self.backend not in MOE_BACKENDS:
+            raise ValueError(f"--moe-backend must be one of {MOE_BACKENDS}, got "
+                             f"{self.backend!r}")
         if self.expert_parallel_size < 1:
             raise ValueError(f"--moe-expert-parallel-size must be >= 1, got "
                              f"{self.expert_parallel_size}")

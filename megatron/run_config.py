@@ -28,7 +28,7 @@ hand. What it decides:
   init std, loss coefficients, the training capacity factor) apply as given, as when
   fine-tuning. The router flags (--use-threshold, --use-topk, --use-hash-layer) count as one
   setting, and so do the GeLU flags; --topk alone on a switch checkpoint makes it top-k.
-- Never taken: run settings (precision, kernels and expert implementation, parallelism,
+- Never taken: run settings (precision, the MoE backend, parallelism,
   activation recomputation, the seed), and the padded vocabulary (the tokenizer's; compared).
 - Without --use-checkpoint-args nothing is read here: the command line gives the model, and
   --load refuses shape differences and reports routing differences (megatron/checkpoint_check).
@@ -194,12 +194,10 @@ def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig
         min_capacity=args.moe_min_capacity, drop_tokens=args.moe_token_dropping,
         aux_loss_coeff=args.moe_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
         hash_seed=args.seed, vocab_size=padded_vocab_size,
-        expert_impl=args.moe_expert_impl,
         sync_free=args.moe_sync_free_dispatch or args.compile is not None,
         expert_parallel_size=args.moe_expert_parallel_size,
         compile_routing=args.moe_compile_routing or args.moe_routing_cuda_graphs,
-        routing_cuda_graphs=args.moe_routing_cuda_graphs, kernels=args.moe_kernels,
-        expert_gemm=args.moe_expert_gemm)
+        routing_cuda_graphs=args.moe_routing_cuda_graphs, backend=args.moe_backend)
     return GPTConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, padded_vocab_size=padded_vocab_size,

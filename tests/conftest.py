@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to the real GPT-2 vocabulary when `../shared/data` has it."""
+"""Shared test fixtures and hooks: single-threaded child processes, the `gpu` marker's skip, and
+paths to the real GPT-2 vocabulary when `../shared/data` has it."""
 
 import os
 from pathlib import Path
@@ -6,6 +7,34 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_threaded_children():
+    """OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 (unless the caller set them) in os.environ, which
+    every child process a test starts inherits: on a small shared CPU machine torch's OpenMP
+    threads busy-wait against each other and a child's step gets several times slower. (This
+    process's own torch already chose its thread count at import; the variables reach only
+    children.)"""
+    mp = pytest.MonkeyPatch()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if not os.environ.get(var):
+            mp.setenv(var, "1")
+    yield
+    mp.undo()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped on a machine without CUDA."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch  # only when a gpu test was collected
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+        for item in gpu_items:
+            item.add_marker(skip)
 
 
 def _gpt2_dir() -> Path:

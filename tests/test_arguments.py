@@ -213,11 +213,11 @@ def test_defaults_follow_megatron_deepspeed(files):
 def test_moe_flags_reach_the_moe_config(files):
     moe = configs(small_argv(files, (
         "--num-experts 4 --use-threshold --threshold-max-experts 3 --moe-z-loss-coeff 0.001 "
-        "--disable-moe-token-dropping --moe-sync-free-dispatch --moe-expert-impl loop "
-        "--moe-expert-gemm fused --seed 7"))).model.moe
+        "--disable-moe-token-dropping --moe-sync-free-dispatch --moe-backend torch "
+        "--seed 7"))).model.moe
     assert moe.threshold_max_experts == 3 and moe.z_loss_coeff == 0.001
-    assert moe.expert_gemm == "fused"
-    assert not moe.drop_tokens and moe.sync_free and moe.expert_impl == "loop"
+    assert moe.backend == "torch"
+    assert not moe.drop_tokens and moe.sync_free
     assert moe.hash_seed == 7 and moe.capacity(100, 4, training=True) is None
 
 
@@ -559,12 +559,50 @@ def test_compile_flag_implies_sync_free_dispatch(files):
             world_size=WORLD)
 
 
-def test_moe_kernels_flag(files):
-    assert configs(xmoe_argv(files), world_size=WORLD).model.moe.kernels == "auto"
-    run = configs(xmoe_argv(files, extra="--moe-kernels torch"), world_size=WORLD)
-    assert run.model.moe.kernels == "torch"
+def test_moe_backend_flag(files):
+    assert configs(xmoe_argv(files), world_size=WORLD).model.moe.backend == "auto"
+    for choice in ("torch", "triton", "auto"):
+        run = configs(xmoe_argv(files, extra=f"--moe-backend {choice}"), world_size=WORLD)
+        assert run.model.moe.backend == choice
     with pytest.raises(SystemExit):
-        configs(xmoe_argv(files, extra="--moe-kernels cuda"), world_size=WORLD)
+        configs(xmoe_argv(files, extra="--moe-backend cuda"), world_size=WORLD)
+
+
+# (old flags, the backend they run, the one warning line each gives)
+DEPRECATED_MOE_FLAGS = [
+    ("--moe-kernels torch", "torch", ["--moe-kernels torch is deprecated: use --moe-backend "
+                                      "torch"]),
+    ("--moe-kernels triton", "triton", ["--moe-kernels triton is deprecated"]),
+    ("--moe-expert-impl loop", "torch", ["--moe-expert-impl loop is deprecated: the per-expert "
+                                         "loop is a test reference now"]),
+    ("--moe-expert-impl grouped", "auto", ["--moe-expert-impl grouped is deprecated and changes "
+                                           "nothing"]),
+    ("--moe-expert-gemm grouped_mm", "auto", ["--moe-expert-gemm grouped_mm is deprecated"]),
+    ("--moe-expert-gemm fused", "auto", ["--moe-expert-gemm fused was retired (slower in every "
+                                         "benchmark: benchmarks/HISTORY.md): the default runs"]),
+    ("--moe-kernels torch --moe-expert-gemm fused", "torch",
+     ["--moe-kernels torch is deprecated", "--moe-expert-gemm fused was retired"]),
+    ("--moe-backend triton --moe-kernels torch", "triton",
+     ["--moe-kernels torch is deprecated", "--moe-backend triton wins over the deprecated"]),
+]
+
+
+@pytest.mark.parametrize("flags, backend, lines", DEPRECATED_MOE_FLAGS)
+def test_deprecated_moe_flags_map_onto_the_backend_with_one_line_each(files, caplog, flags,
+                                                                      backend, lines):
+    with caplog.at_level("WARNING", logger="megatron.arguments"):
+        run = configs(xmoe_argv(files, extra=flags), world_size=WORLD)
+    assert run.model.moe.backend == backend
+    messages = [r.getMessage() for r in caplog.records if r.name == "megatron.arguments"]
+    assert len(messages) == len(lines), messages
+    for message, line in zip(messages, lines):
+        assert message.startswith(line) and "\n" not in message, message
+
+
+def test_no_warning_without_deprecated_flags(files, caplog):
+    with caplog.at_level("WARNING", logger="megatron.arguments"):
+        configs(xmoe_argv(files, extra="--moe-backend torch"), world_size=WORLD)
+    assert not [r for r in caplog.records if r.name == "megatron.arguments"]
 
 
 def test_data_path_suggests_the_prefix_that_exists(files):

@@ -18,13 +18,13 @@ def _saved(config):
 
 def test_config_round_trips_with_run_settings_reset_and_routing_overrides():
     trained = dataclasses.replace(
-        tiny_gpt_config(sync_free=True, compile_routing=True, kernels="torch"),
+        tiny_gpt_config(sync_free=True, compile_routing=True, backend="torch"),
         params_dtype="bf16", checkpoint_activations=True, activation="gelu_erf_onnx")
     config = model_config_from_saved(_saved(trained))
     assert config == dataclasses.replace(
         trained, params_dtype="fp32", checkpoint_activations=False,
         moe=dataclasses.replace(trained.moe, sync_free=False, compile_routing=False,
-                                kernels="auto"))
+                                backend="auto"))
     swept = model_config_from_saved(_saved(trained), threshold=0.3, drop_tokens=True)
     assert (swept.moe.threshold, swept.moe.drop_tokens) == (0.3, True)
     assert model_config_from_saved(_saved(trained), router="topk", topk=2).moe.router == "topk"

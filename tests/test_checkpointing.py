@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import random
-import socket
 
 import numpy as np
 import pytest
@@ -28,15 +27,10 @@ from megatron.learning_rates import LRScheduler
 from megatron.model import GPTModel
 from megatron.optimizer import build_optimizer
 from megatron.random_state import get_rng_state
+from tests.helpers import free_port
 
 MBS = 4
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def deepspeed():
     """deepspeed with a gloo process group of one rank; the environment is restored after."""
     ds = pytest.importorskip("deepspeed")
     mp = pytest.MonkeyPatch()
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0")
     for key, value in env.items():
         mp.setenv(key, value)
@@ -318,9 +312,10 @@ def _two_rank_worker(rank: int, port: int, ckpt_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_zero1(tmp_path):
     pytest.importorskip("deepspeed")
-    torch.multiprocessing.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     # DeepSpeed also copies its ZeRO recovery scripts next to the checkpoints.
     assert sorted(os.listdir(tmp_path)) == ["iter_0000002", TRACKER_FILENAME, "zero_to_fp32.py",
                                             "zero_to_torch.py"]
@@ -621,7 +616,7 @@ def test_every_rank_raises_rank_0s_verdict(tmp_path):
     (tmp_path / "ckpt" / "iter_0000003").mkdir(parents=True)
     (tmp_path / "empty").mkdir()
     torch.save({}, tmp_path / "ckpt" / "iter_0000003" / MODEL_FILE)
-    torch.multiprocessing.spawn(_refusing_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_refusing_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
     assert rank0 == rank1
     assert rank0[0].startswith(f"--load {tmp_path / 'ckpt'} holds 1 checkpoint (iter_0000003) "

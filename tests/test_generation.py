@@ -389,6 +389,7 @@ def test_tokenizer_files_moved_or_wrong(deepspeed, vocab, tmp_path, capsys):  # 
     assert re.search(r"padded to 512 .*, but the model's padded vocabulary is 384", line), line
 
 
+@pytest.mark.slow
 def test_script_on_an_expert_parallel_checkpoint_equals_the_merged_one(moe_ckpt, tmp_path):
     """The script itself (a child process, OMP_NUM_THREADS=1) on the checkpoint re-split for
     expert-parallel size 2 (experts in two shard files) samples what the size-1 one does."""

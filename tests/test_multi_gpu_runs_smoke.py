@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from tests.helpers import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "multi_gpu_runs.py"
 
 
 def _run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = child_env(PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--small", "--device", "cpu",
                            "--workdir", str(workdir), "--timeout", "150"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -29,6 +30,7 @@ def _run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_correctness_expert_parallel_2_agrees_and_converted_checkpoint_evaluates_the_same(
         tmp_path):
     out = _run(["correctness", "--gpus", "2", "--steps", "4"], tmp_path).stdout
@@ -48,7 +50,10 @@ def test_correctness_expert_parallel_2_agrees_and_converted_checkpoint_evaluates
     assert ckpt.read_text() == "4\n"
 
 
+@pytest.mark.slow
 def test_scaling_one_and_two_ranks_prints_a_two_row_table(tmp_path):
+    """Also train_throughput.py's multi-GPU form (its 2-rank run, by the deepspeed launcher,
+    with EP 2): one report, the global batch counted over both ranks."""
     out = _run(["scaling", "--gpus", "1,2", "--iters", "2"], tmp_path).stdout
     rows = re.findall(r"^ *(\d+) \| +(\d+) \| +(\d+) \| +([\d.]+)% \| +([\d.]+) \| +(\S+) \| "
                       r"+(\S+)$", out, re.M)
@@ -56,6 +61,9 @@ def test_scaling_one_and_two_ranks_prints_a_two_row_table(tmp_path):
     assert rows[0][3] == "100.0" and rows[0][5:] == ("-", "-"), out       # 1 rank: no EP
     assert float(rows[1][5]) > 0 and rows[1][6].endswith("%"), out       # all-to-all measured
     assert "target: >= 90% efficiency at 8 GPUs with EP = 8: not measured" in out
+    two_ranks = (tmp_path / "logs" / "scaling_2.log").read_text()
+    assert two_ranks.count("world size 2") == 1, two_ranks
+    assert len(re.findall(r"^xmoe\s+\| .* tokens/s", two_ranks, re.M)) == 1, two_ranks
 
 
 def test_a_hung_run_is_killed_and_children_get_nvlink_multicast_off(tmp_path, capsys):

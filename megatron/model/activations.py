@@ -12,7 +12,7 @@
   its rounded 1.41421, written out as Megatron does (ONNX export had no GeLU op).
 
 megatron.run_config.gelu_form picks the form from those flags (Megatron's precedence); the
-Triton kernels (moe/kernels.py, moe/grouped_gemm.py) compute the same forms from a constexpr.
+Triton kernels (moe/kernels/gelu.py) compute the same forms from a constexpr.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPT input embedding: learned token + learned absolute position embeddings, then dropout.
 
-Letters: B batch, S sequence, H hidden, V padded vocabulary, P max positions.
+Shapes: the letters of megatron/model/__init__.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from megatron.model.init_methods import torch_dtype
 
 
 class Embedding(nn.Module):
-    """word_embeddings [V, H] (also the tied output layer) + position_embeddings [P, H].
+    """word_embeddings [V, D] (also the tied output layer) + position_embeddings
+    [max_position_embeddings, D].
 
     Dropout uses --hidden-dropout, as Megatron's `embedding_dropout`.
     """
@@ -32,5 +33,5 @@ class Embedding(nn.Module):
                             std=config.init_method_std)
 
     def forward(self, input_ids_BS: torch.Tensor, position_ids_BS: torch.Tensor) -> torch.Tensor:
-        x_BSH = self.word_embeddings(input_ids_BS) + self.position_embeddings(position_ids_BS)
-        return self.embedding_dropout(x_BSH)
+        x_BSD = self.word_embeddings(input_ids_BS) + self.position_embeddings(position_ids_BS)
+        return self.embedding_dropout(x_BSD)

@@ -1,6 +1,6 @@
 """Megatron's GPT: embeddings -> transformer (dense and MoE layers) -> tied output layer.
 
-Letters: B batch, S sequence, H hidden, V padded vocabulary.
+Shapes: the letters of megatron/model/__init__.py.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class GPTModel(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The [V, H] output-layer weight: the word embedding itself (tied)."""
+        """The [V, D] output-layer weight: the word embedding itself (tied)."""
         return self.embedding.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -125,8 +125,8 @@ class GPTModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
-        x_BSH = self.embedding(input_ids, position_ids)
-        out = self.transformer(x_BSH, input_ids, kv_cache, record_experts)
+        x_BSD = self.embedding(input_ids, position_ids)
+        out = self.transformer(x_BSD, input_ids, kv_cache, record_experts)
         logits_BSV = F.linear(out.hidden_states, self.output_weight)
         if labels is None:
             return GPTOutput(logits_BSV, None, out.aux_loss, out.stats)

@@ -1,6 +1,6 @@
 """Pre-LayerNorm transformer layers with Megatron-DeepSpeed's MoE placement, and the stack.
 
-Letters: B batch, S sequence, H hidden.
+Shapes: the letters of megatron/model/__init__.py.
 
 A layer is  x = x + drop(attn(LN1(x)));  x = x + drop(ffn(LN2(x)))  where ffn is the dense MLP
 or an MoE layer. Layer L (1-based) is MoE iff config.experts_for_layer(L) > 1, so
@@ -23,13 +23,13 @@ from megatron.model.moe import MoELayer, MoEStats
 
 
 class LayerOutput(NamedTuple):
-    hidden_states: torch.Tensor             # [B, S, H]
+    hidden_states: torch.Tensor             # [B, S, D]
     aux_loss: Optional[torch.Tensor]        # fp32 scalar of an MoE layer, None for a dense one
     stats: Optional[MoEStats]               # None for a dense layer
 
 
 class TransformerOutput(NamedTuple):
-    hidden_states: torch.Tensor             # [B, S, H], after the final LayerNorm
+    hidden_states: torch.Tensor             # [B, S, D], after the final LayerNorm
     aux_loss: torch.Tensor                  # fp32 scalar, sum over MoE layers (0 when dense)
     stats: List[MoEStats]                   # one per MoE layer, in layer order
 
@@ -70,19 +70,19 @@ class TransformerLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
-    def forward(self, x_BSH: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
                 kv_cache: Optional[LayerKVCache] = None, record_experts: bool = False
                 ) -> LayerOutput:
         """kv_cache: this layer's keys/values (incremental decoding); record_experts: the MoE
         stats carry each token's experts (generation). Training passes neither."""
-        attn_BSH = self.self_attention(self.input_layernorm(x_BSH), kv_cache)
-        x_BSH = x_BSH + self.hidden_dropout(attn_BSH)
-        h_BSH = self.post_attention_layernorm(x_BSH)
+        attn_BSD = self.self_attention(self.input_layernorm(x_BSD), kv_cache)
+        x_BSD = x_BSD + self.hidden_dropout(attn_BSD)
+        h_BSD = self.post_attention_layernorm(x_BSD)
         if not self.is_moe:
-            return LayerOutput(x_BSH + self.hidden_dropout(self.mlp(h_BSH)), None, None)
+            return LayerOutput(x_BSD + self.hidden_dropout(self.mlp(h_BSD)), None, None)
         # hash routing needs the token ids
-        moe = self.mlp(h_BSH, token_ids_BS, record_experts=record_experts)
-        return LayerOutput(x_BSH + self.hidden_dropout(moe.output), moe.aux_loss, moe.stats)
+        moe = self.mlp(h_BSD, token_ids_BS, record_experts=record_experts)
+        return LayerOutput(x_BSD + self.hidden_dropout(moe.output), moe.aux_loss, moe.stats)
 
 
 class Transformer(nn.Module):
@@ -100,23 +100,23 @@ class Transformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
                                             dtype=torch_dtype(config.params_dtype))
 
-    def forward(self, x_BSH: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, record_experts: bool = False
                 ) -> TransformerOutput:
         """kv_cache and record_experts: see TransformerLayer.forward. Both are for inference and
         turn recomputation off (it would append every position to the cache twice)."""
         recompute = (self.checkpoint_activations and self.training and torch.is_grad_enabled()
                      and kv_cache is None and not record_experts)
-        aux_loss = torch.zeros((), dtype=torch.float32, device=x_BSH.device)
+        aux_loss = torch.zeros((), dtype=torch.float32, device=x_BSD.device)
         stats: List[MoEStats] = []
         for i, layer in enumerate(self.layers):
             if recompute:
-                out = checkpoint(layer, x_BSH, token_ids_BS, use_reentrant=False)
+                out = checkpoint(layer, x_BSD, token_ids_BS, use_reentrant=False)
             else:
                 layer_cache = None if kv_cache is None else kv_cache.layers[i]
-                out = layer(x_BSH, token_ids_BS, layer_cache, record_experts)
-            x_BSH = out.hidden_states
+                out = layer(x_BSD, token_ids_BS, layer_cache, record_experts)
+            x_BSD = out.hidden_states
             if out.aux_loss is not None:
                 aux_loss = aux_loss + out.aux_loss
                 stats.append(out.stats)
-        return TransformerOutput(self.final_layernorm(x_BSH), aux_loss, stats)
+        return TransformerOutput(self.final_layernorm(x_BSD), aux_loss, stats)

@@ -1,20 +1,18 @@
-"""The sort-free capacity kernels (megatron/model/moe/capacity_kernels.py).
+"""The sort-free capacity kernels (megatron/model/moe/kernels/capacity.py).
 
 Integer decisions are compared exactly with a per-expert reference written here (Python
 sorting by the documented priority: lower slot, then higher probability, then lower token)
-and with the torch path (mlp_gating.capacity_and_counts + dispatch.plan_core). On CPU this
+and with the torch path (router.capacity_and_counts + dispatch.rows_by_scans). On CPU this
 module runs under triton's interpreter in its own process (test_moe_kernels_interpreted.py);
 on CUDA it runs compiled.
 """
-
-import dataclasses
 
 import pytest
 import torch
 
 from megatron.config import MoEConfig
-from megatron.model.mlp_gating import capacity_and_counts, route, torch_capacity
-from megatron.model.moe.fused import triton_capacity
+from megatron.model.mlp_gating import capacity_and_counts, route_with_capacity, torch_capacity
+from megatron.model.moe.dispatch import capacity_with_rows
 from megatron.model.moe.layer import routing_step
 
 from tests.model.triton_kernels import CUDA_OR_INTERPRETER, DEVICE, NEEDS_TRITON, kernel_module
@@ -24,7 +22,7 @@ pytestmark = [NEEDS_TRITON, CUDA_OR_INTERPRETER]
 
 @pytest.fixture(scope="module")
 def cap():
-    return kernel_module("capacity_kernels", "_rows_kernel")
+    return kernel_module("kernels.capacity", "rows_kernel")
 
 
 def reference(experts, wanted, probs, num_experts, capacity):
@@ -129,52 +127,62 @@ def test_wide_blocks_match_narrow_blocks(cap):
 
 @pytest.mark.parametrize("router", ["threshold", "topk", "switch", "hash"])
 @pytest.mark.parametrize("drop_tokens", [True, False])
-def test_routing_step_plans_equal_torch_path(router, drop_tokens):
-    """routing_step with the kernels (config.kernels 'triton') gives the same decision and
-    the same dispatch plan, array for array, as the torch sort + grid scan."""
+def test_routing_step_plans_equal_torch_path(cap, router, drop_tokens):
+    """routing_step with the Triton backend's capacity strategy gives the same decision and
+    the same dispatch plan, array for array, as the torch backend's sort + grid scan."""
+    from megatron.model.moe.ops import triton_capacity
+
     T, E, D = 96, 8, 12
     gen = torch.Generator().manual_seed(2)
     logits = 2.0 * torch.randn(T, E, generator=gen)
     token_ids = torch.randint(0, 50, (T,), generator=gen)
-    cfg = MoEConfig(router=router, topk=2, threshold=0.8, drop_tokens=drop_tokens,
-                    train_capacity_factor=0.6, vocab_size=50, kernels="torch")
+    config = MoEConfig(router=router, topk=2, threshold=0.8, drop_tokens=drop_tokens,
+                       train_capacity_factor=0.6, vocab_size=50)
     table = torch.randint(0, E, (50,), generator=gen)
     noise = torch.zeros(T, E) if router == "topk" else None
-    results = []
-    for kernels in ("torch", "triton"):
-        config = dataclasses.replace(cfg, kernels=kernels)
+    results, calls = [], []
+    for capacity_fn in (capacity_with_rows, triton_capacity):
+        def spy(*args, fn=capacity_fn):
+            calls.append(fn)
+            return fn(*args)
         decision, core, _ = routing_step(logits.to(DEVICE), token_ids.to(DEVICE),
                                          table.to(DEVICE), None if noise is None
-                                         else noise.to(DEVICE), config, E, True, 4 * D)
+                                         else noise.to(DEVICE), config, E, True, 4 * D, spy)
         results.append((decision, core))
     (d0, c0), (d1, c1) = results
-    assert d0.rows_TK is None and d1.rows_TK is not None
+    assert calls == [capacity_with_rows, triton_capacity]     # each strategy decided once
     for name in ("experts_TK", "wanted_TK", "kept_TK", "tokens_per_expert_E"):
         assert torch.equal(getattr(d0, name), getattr(d1, name)), name
     assert torch.equal(d0.weights_TK, d1.weights_TK)
-    for name in ("token_B", "weight_B", "offsets_E", "rows_J", "bag_offsets_T"):
+    for name in ("token_P", "weight_P", "offsets_E", "rows_J", "bag_offsets_T"):
         assert torch.equal(getattr(c0, name), getattr(c1, name)), name
     if drop_tokens and router != "hash":
         assert not torch.equal(d1.kept_TK, d1.wanted_TK)      # capacity did bind
 
 
-def test_triton_capacity_with_no_tokens():
+def test_triton_capacity_with_no_tokens(cap):
+    from megatron.model.moe.ops import triton_capacity
+
     experts = torch.zeros(0, 2, dtype=torch.long, device=DEVICE)
     wanted = torch.zeros(0, 2, dtype=torch.bool, device=DEVICE)
     probs = torch.zeros(0, 2, device=DEVICE)
     kept, counts, rows = triton_capacity(experts, wanted, probs, 4, 3)
     assert kept.shape == (0, 2) and torch.equal(counts.cpu(), torch.zeros(4, dtype=torch.long))
-    assert torch_capacity(experts, wanted, probs, 4, 3)[2] is None and rows is None
+    assert torch_capacity(experts, wanted, probs, 4, 3)[2] is None
+    for got, want in zip(rows, capacity_with_rows(experts, wanted, probs, 4, 3)[2]):
+        assert torch.equal(got, want)
 
 
 def test_route_passes_capacity_fn():
-    """route() hands capacity to the given function (the layer passes the kernels)."""
+    """route_with_capacity hands capacity to the given function (the layer passes its
+    backend's) and returns what that function computed beside the decisions."""
     seen = []
 
     def spy(*args):
         seen.append(args[4])
-        return torch_capacity(*args)
+        kept, counts, _ = torch_capacity(*args)
+        return kept, counts, "plan rows"
 
     cfg = MoEConfig(router="threshold", drop_tokens=True, train_capacity_factor=1.0)
-    route(torch.randn(16, 4), cfg, 4, training=True, capacity_fn=spy)
-    assert seen == [cfg.capacity(16, 4, True)]
+    _, extra = route_with_capacity(torch.randn(16, 4), cfg, 4, spy, training=True)
+    assert seen == [cfg.capacity(16, 4, True)] and extra == "plan rows"

@@ -10,7 +10,6 @@ ranks' tokens).
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,8 @@ import torch.multiprocessing as mp
 from megatron.config import MoEConfig
 from megatron.model.moe import MoELayer
 from megatron.model.moe.expert_parallel import expert_range, local_order
+from megatron.model.moe.reference import use_reference_experts
+from tests.helpers import free_port, grouped_mm_cpu_ok
 
 WORLD, T, D, FH, V = 2, 20, 16, 8, 50
 
@@ -35,9 +36,10 @@ CASES = {
 
 
 def make_layer(router, num_experts, drop_tokens, topk, hash_experts, impl) -> MoELayer:
+    """impl "loop": the experts as the per-expert reference loop; "grouped": the backend's."""
     cfg = MoEConfig(router=router, ffn_hidden_size=FH, threshold=0.7, topk=topk,
                     eval_capacity_factor=1.0, min_capacity=2, drop_tokens=drop_tokens,
-                    expert_impl=impl, vocab_size=V, z_loss_coeff=0.0)
+                    vocab_size=V, z_loss_coeff=0.0)
     torch.manual_seed(0)
     layer = MoELayer(cfg, D, num_experts, init_std=0.5, output_init_std=0.3, layer_number=1)
     with torch.no_grad():
@@ -46,6 +48,8 @@ def make_layer(router, num_experts, drop_tokens, topk, hash_experts, impl) -> Mo
         if hash_experts is not None:
             allowed = torch.tensor(hash_experts)
             layer.hash_table.copy_(allowed[layer.hash_table % len(allowed)])
+    if impl == "loop":
+        use_reference_experts(layer)
     return layer.eval()       # eval: top-k without Gumbel noise, so both runs route alike
 
 
@@ -75,7 +79,8 @@ def expert_parallel(layer: MoELayer, rank: int, impl: str):
     assert sharded.num_local_experts == layer.num_experts // WORLD
     assert sharded.num_expert_parameters() == sum(p.numel() for p in layer.experts.parameters())
     local = sharded.experts
-    local.impl = impl
+    if impl == "loop":
+        use_reference_experts(sharded)        # the loop between the all_to_alls
     x, ids, g = batch(rank)
     x.requires_grad_(True)
     out = sharded(x, ids).output
@@ -125,25 +130,10 @@ def _worker(rank: int, port: int, impls) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _grouped_cpu_ok() -> bool:
-    try:
-        torch._grouped_mm(torch.randn(2, 16), torch.randn(1, 16, 8),
-                          offs=torch.tensor([2], dtype=torch.int32))
-        return True
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
 def test_expert_parallel_2_equals_1():
     """All cases in one spawn (process start-up dominates the runtime)."""
-    impls = ["loop"] + (["grouped"] if _grouped_cpu_ok() else [])
-    mp.spawn(_worker, args=(_free_port(), impls), nprocs=WORLD, join=True)
+    impls = ["loop"] + (["grouped"] if grouped_mm_cpu_ok() else [])
+    mp.spawn(_worker, args=(free_port(), impls), nprocs=WORLD, join=True)
 
 
 def test_local_order_regroups_by_local_expert():

@@ -1,10 +1,13 @@
-"""Experts (stacked weights): loop and grouped paths vs a per-row fp32 reference, padding rows,
-every GeLU form (gelu_reference.py)."""
+"""Experts (stacked weights): the grouped GEMMs and the reference loop (reference.py) vs a
+per-row fp32 reference, padding rows, every GeLU form (gelu_reference.py); which backend runs."""
 
 import pytest
 import torch
 
+from megatron.config import MoEConfig
+from megatron.model.moe.backend import resolve_backend, triton_available
 from megatron.model.moe.experts import Experts, grouped_mm_available
+from megatron.model.moe.reference import loop_experts
 from tests.model.gelu_reference import FORMS, ref_gelu
 
 
@@ -31,15 +34,22 @@ E, D, FH = 5, 16, 8
 SIZES = (0, 3, 0, 7, 0)
 
 
-def _experts(impl: str, bias: bool = True, dtype=torch.float32, **kw) -> Experts:
+def _experts(bias: bool = True, dtype=torch.float32, **kw) -> Experts:
     torch.manual_seed(0)
-    ex = Experts(E, D, FH, init_std=0.3, output_init_std=0.2, bias=bias, impl=impl,
-                 params_dtype=dtype, **kw)
+    ex = Experts(E, D, FH, init_std=0.3, output_init_std=0.2, bias=bias, params_dtype=dtype,
+                 **kw)
     if bias:  # non-zero biases so the test sees them (init is 0)
         with torch.no_grad():
             ex.b1.normal_(0, 0.1)
             ex.b2.normal_(0, 0.1)
     return ex
+
+
+def _run(ex: Experts, impl: str, x_PD, offsets_E, valid_P=None):
+    """impl "grouped": the Experts module; "loop": its weights through the reference loop."""
+    if impl == "loop":
+        return loop_experts(ex, x_PD, offsets_E, valid_P)
+    return ex(x_PD, offsets_E, valid_P=valid_P)
 
 
 def _offsets(sizes=SIZES) -> torch.Tensor:
@@ -67,14 +77,15 @@ def _params(ex: Experts):
     return [p for p in (ex.w1, ex.b1, ex.w2, ex.b2) if p is not None]
 
 
-def _check_against_reference(ex: Experts, padding: int, atol: float, rtol: float = 1e-5):
+def _check_against_reference(ex: Experts, padding: int, atol: float, rtol: float = 1e-5,
+                             impl: str = "grouped"):
     P = sum(SIZES)
     torch.manual_seed(1)
     x = torch.randn(P + padding, D, dtype=ex.w1.dtype, requires_grad=True)
     valid = torch.arange(P + padding) < P if padding else None
     grad_out = torch.randn(P + padding, D, dtype=ex.w1.dtype)
 
-    y = ex(x, _offsets(), valid_P=valid)
+    y = _run(ex, impl, x, _offsets(), valid)
     assert y.shape == x.shape and y.dtype == x.dtype
     got = torch.autograd.grad((y.float() * grad_out.float()).sum(), [x] + _params(ex))
     ref_y = _reference(ex, x)
@@ -96,7 +107,7 @@ def _check_against_reference(ex: Experts, padding: int, atol: float, rtol: float
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("padding", [0, 6])
 def test_loop_path_matches_reference(bias, padding, form):
-    _check_against_reference(_experts("loop", bias, activation=form), padding, atol=1e-5)
+    _check_against_reference(_experts(bias, activation=form), padding, atol=1e-5, impl="loop")
 
 
 @needs_grouped_fp32
@@ -104,38 +115,39 @@ def test_loop_path_matches_reference(bias, padding, form):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("padding", [0, 6])
 def test_grouped_path_matches_reference_fp32_cpu(bias, padding, form):
-    _check_against_reference(_experts("grouped", bias, activation=form), padding, atol=1e-5)
+    _check_against_reference(_experts(bias, activation=form), padding, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["loop"] + (["grouped"] if GROUPED_FP32_CPU else []))
 def test_default_form_is_megatrons_tanh_and_forms_differ(impl):
     """Experts default to the original's fused tanh GeLU; each form changes the output."""
-    assert _experts(impl).activation == "gelu_tanh"
+    assert _experts().activation == "gelu_tanh"
     x = torch.randn(sum(SIZES), D)
-    outs = {form: _experts(impl, activation=form)(x, _offsets()) for form in FORMS}
-    torch.testing.assert_close(outs["gelu_tanh"], _experts(impl)(x, _offsets()))
+    outs = {form: _run(_experts(activation=form), impl, x, _offsets()) for form in FORMS}
+    torch.testing.assert_close(outs["gelu_tanh"], _run(_experts(), impl, x, _offsets()))
     for form in FORMS:
-        torch.testing.assert_close(outs[form], _reference(_experts(impl, activation=form), x),
+        torch.testing.assert_close(outs[form], _reference(_experts(activation=form), x),
                                    atol=1e-5, rtol=1e-5)
     assert float((outs["gelu_tanh"] - outs["gelu"]).abs().max()) > 1e-5
 
 
 @pytest.mark.skipif(not GROUPED_BF16_CPU, reason="torch._grouped_mm does not run bf16 on CPU")
 def test_grouped_path_bf16_cpu_close_to_fp32_reference():
-    _check_against_reference(_experts("grouped", True, torch.bfloat16), 4, atol=3e-2, rtol=3e-2)
+    _check_against_reference(_experts(True, torch.bfloat16), 4, atol=3e-2, rtol=3e-2)
 
 
 @needs_grouped_fp32
 def test_grouped_equals_loop_fp32():
-    loop, grouped = _experts("loop"), _experts("grouped")
+    ex = _experts()
     x = torch.randn(sum(SIZES), D)
-    torch.testing.assert_close(grouped(x, _offsets()), loop(x, _offsets()), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_run(ex, "grouped", x, _offsets()), _run(ex, "loop", x, _offsets()),
+                               atol=1e-6, rtol=1e-6)
 
 
 @needs_grouped_fp32
 def test_grouped_padding_rows_garbage_stays_out():
     """NaN in padding rows (as uninitialised grouped_mm rows may hold) reaches nothing."""
-    ex = _experts("grouped")
+    ex = _experts()
     P = sum(SIZES)
     x = torch.randn(P + 3, D)
     x[P:] = float("nan")
@@ -149,11 +161,13 @@ def test_grouped_padding_rows_garbage_stays_out():
     assert torch.all(x.grad[P:] == 0)
 
 
-def test_all_experts_empty():
-    ex = _experts("loop")
+@pytest.mark.parametrize("impl", ["loop"] + (["grouped"] if GROUPED_FP32_CPU else []))
+def test_all_experts_empty(impl):
+    ex = _experts()
     offsets = torch.zeros(E, dtype=torch.int32)
-    assert ex(torch.randn(0, D), offsets).shape == (0, D)
-    assert torch.all(ex(torch.randn(3, D), offsets, valid_P=torch.zeros(3, dtype=torch.bool)) == 0)
+    assert _run(ex, impl, torch.randn(0, D), offsets).shape == (0, D)
+    no_rows = torch.zeros(3, dtype=torch.bool)
+    assert torch.all(_run(ex, impl, torch.randn(3, D), offsets, no_rows) == 0)
 
 
 def test_init_and_shapes():
@@ -163,20 +177,24 @@ def test_init_and_shapes():
     assert abs(ex.w1.std().item() - 0.02) < 0.002 and abs(ex.w2.std().item() - 0.005) < 0.0005
     assert torch.all(ex.b1 == 0) and torch.all(ex.b2 == 0)
     assert Experts(2, 4, 4, 0.02, 0.02, bias=False).b1 is None
-    with pytest.raises(ValueError, match="expert_impl"):
-        Experts(2, 4, 4, 0.02, 0.02, impl="fast")
+    with pytest.raises(ValueError, match="--moe-backend must be one of"):
+        MoEConfig(backend="fast")
 
 
-def test_auto_uses_loop_on_cpu():
-    assert not _experts("auto").use_grouped(torch.randn(2, D))
-    assert not _experts("loop").use_grouped(torch.randn(2, D))
+def test_auto_backend_is_torch_on_cpu_and_triton_on_cuda():
+    """Resolved from the device alone (no GPU needed to resolve for one)."""
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+    assert resolve_backend("torch", torch.device("cuda")).name == "torch"
+    cuda = resolve_backend("auto", torch.device("cuda"))
+    assert cuda.name == ("triton" if triton_available() else "torch")
+    if triton_available():
+        assert resolve_backend("triton", torch.device("cpu")).name == "triton"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_grouped_cuda_bf16_matches_loop_fp32():
-    ex = _experts("auto").cuda()
+    ex = _experts().cuda()
     x = torch.randn(sum(SIZES), D, device="cuda")
-    assert ex.use_grouped(x)
     x.requires_grad_(True)
     valid = torch.arange(x.shape[0] + 4, device="cuda") < x.shape[0]
     xp = torch.cat([x, torch.full((4, D), float("nan"), device="cuda")])  # padded, sync-free

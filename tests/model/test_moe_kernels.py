@@ -1,4 +1,4 @@
-"""The Triton kernels (megatron/model/moe/kernels.py, router_gemm.py) and the fused MoE path.
+"""The Triton kernels (megatron/model/moe/kernels/rows.py, router_gemm.py) and the Triton backend.
 
 On CPU the kernels run under the triton interpreter (TRITON_INTERPRET=1, in a subprocess
 started by test_moe_kernels_interpreted.py), in fp32, against the per-token reference of
@@ -9,7 +9,7 @@ torch-ops path and float64. Skipped when triton is not installed.
 import pytest
 import torch
 
-from megatron.model.moe.fused import triton_available
+from megatron.model.moe.backend import triton_available
 from tests.model.gelu_reference import FORMS, REFERENCE
 from tests.model.test_moe_layer import (_grouped_cpu_ok, inputs, make_layer, params,
                                         run_and_compare)
@@ -24,7 +24,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def kernels():
-    return kernel_module("kernels", "_gather_rows_kernel")
+    return kernel_module("kernels.rows", "gather_rows_kernel")
 
 
 def offsets(n_kept: int, num_experts: int = 4) -> torch.Tensor:
@@ -144,19 +144,15 @@ def test_combine_backward_matches_loop(kernels, bias, ends):
         assert grad_b2 is None
 
 
-@pytest.mark.parametrize("gather", [False, True])
-def test_segment_sum_matches_loop(kernels, gather):
+def test_segment_sum_matches_loop(kernels):
     src = torch.randn(80, 5, device=DEVICE)
     src[70:] = float("nan")
     off = torch.tensor([0, 33, 33, 70], dtype=torch.int32, device=DEVICE)
-    idx = torch.randint(0, 70, (80,), device=DEVICE) if gather else None
-    scale = torch.rand(80, device=DEVICE) if gather else None
-    out = kernels.segment_sum(src, off, idx_P=idx, scale_P=scale)
+    out = kernels.segment_sum(src, off)
     bounds = [0] + off.tolist()
     for e in range(4):
         rows = range(bounds[e], bounds[e + 1])
-        want = sum((src[idx[r]] * scale[r] if gather else src[r] for r in rows),
-                   torch.zeros(5, device=DEVICE))
+        want = sum((src[r] for r in rows), torch.zeros(5, device=DEVICE))
         torch.testing.assert_close(out[e], want, atol=1e-5, rtol=1e-5)
 
 
@@ -166,13 +162,13 @@ def test_segment_sum_matches_loop(kernels, gather):
 def test_router_gemm_matches_fp64(kernels, shape):
     """Logits and both gradients vs float64 (CPU interpreter: fp32 operands; CUDA: bf16
     activations, the fp32 weight split in bf16 parts on tensor cores)."""
-    from megatron.model.moe.router_gemm import router_logits
+    from megatron.model.moe.ops import RouterLogits
     T, D, E = shape
     dtype = torch.bfloat16 if CUDA else torch.float32
     x = torch.randn(T, D, device=DEVICE).to(dtype).requires_grad_(True)
     gate = (0.3 * torch.randn(E, D, device=DEVICE)).requires_grad_(True)
     g = torch.randn(T, E, device=DEVICE)
-    out = router_logits(x, gate)
+    out = RouterLogits.apply(x, gate)
     assert out.dtype == torch.float32 and out.shape == (T, E)
     gx, gw = torch.autograd.grad(out, [x, gate], g)
     x64, w64 = x.detach().double(), gate.detach().double()
@@ -188,40 +184,36 @@ def test_router_gemm_matches_fp64(kernels, shape):
                                                   + 1e-30)).max()) < tol
 
 
-# ----------------------------------------------------------------------------- fused layer
+# ----------------------------------------------------------------------------- Triton backend
 
 @pytest.mark.skipif(CUDA, reason="fp32 per-token reference: the CPU interpreter path")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("drop_tokens", [True, False])
 @pytest.mark.parametrize("router", ["threshold", "topk", "hash"])
-@pytest.mark.parametrize("gemm", ["fused", "grouped_mm"])
-def test_fused_layer_matches_per_token_reference(kernels, router, drop_tokens, sync_free, bias,
-                                                 gemm):
-    layer = make_layer(router, drop_tokens, sync_free, impl="grouped", kernels="triton",
-                       expert_bias=bias, expert_gemm=gemm).eval()
+def test_triton_backend_matches_per_token_reference(kernels, router, drop_tokens, sync_free,
+                                                    bias):
+    layer = make_layer(router, drop_tokens, sync_free, impl="grouped", backend="triton",
+                       expert_bias=bias).eval()
     assert (layer.experts.b1 is not None) == bias
     run_and_compare(layer)
 
 
 @pytest.mark.skipif(CUDA, reason="fp32 per-token reference: the CPU interpreter path")
 @pytest.mark.parametrize("form", ["gelu", "gelu_erf_onnx"])    # (gelu_tanh: the test above)
-@pytest.mark.parametrize("gemm", ["fused", "grouped_mm"])
-def test_fused_layer_every_gelu_form_matches_reference(kernels, gemm, form):
-    layer = make_layer("threshold", True, False, impl="grouped", kernels="triton",
-                       expert_gemm=gemm, activation=form).eval()
+def test_triton_backend_every_gelu_form_matches_reference(kernels, form):
+    layer = make_layer("threshold", True, False, impl="grouped", backend="triton",
+                       activation=form).eval()
     run_and_compare(layer)
 
 
 @pytest.mark.skipif(CUDA, reason="fp32 bitwise comparison: the CPU interpreter path")
-@pytest.mark.parametrize("gemm", ["fused", "grouped_mm"])
-def test_fused_sync_free_equals_exact(kernels, gemm):
+def test_triton_backend_sync_free_equals_exact(kernels):
     """The padded buffer changes nothing: same rows, same order, same sums, bit for bit."""
     x, _ = inputs()
     results = []
     for sync_free in (False, True):
-        layer = make_layer("threshold", True, sync_free, impl="grouped", kernels="triton",
-                           expert_gemm=gemm)
+        layer = make_layer("threshold", True, sync_free, impl="grouped", backend="triton")
         xx = x.clone().requires_grad_(True)
         out = layer(xx).output
         results.append([out] + list(torch.autograd.grad(out.square().sum(),
@@ -232,9 +224,8 @@ def test_fused_sync_free_equals_exact(kernels, gemm):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("gemm", ["grouped_mm", "fused"])
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free, gemm, form):
+def test_cuda_triton_matches_torch_in_bf16(kernels, sync_free, form):
     """Triton kernels vs torch ops on the GPU, bf16 params, on memory pre-filled with NaN
     (rows the kernels skip must never leak into values or gradients)."""
     torch.cuda.empty_cache()
@@ -243,8 +234,8 @@ def test_cuda_fused_matches_torch_ops_in_bf16(kernels, sync_free, gemm, form):
     x, _ = inputs()
     results = []
     for choice in ("torch", "triton"):
-        layer = make_layer("threshold", True, sync_free, impl="auto", kernels=choice,
-                           expert_gemm=gemm, activation=form).cuda()
+        layer = make_layer("threshold", True, sync_free, impl="auto", backend=choice,
+                           activation=form).cuda()
         layer.experts.to(torch.bfloat16)
         xx = x.cuda().bfloat16().requires_grad_(True)
         out = layer(xx).output

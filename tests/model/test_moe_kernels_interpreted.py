@@ -1,5 +1,5 @@
-"""Run test_moe_kernels.py, test_capacity_kernels.py and test_grouped_gemm.py on CPU under
-triton's interpreter, in a process of their own.
+"""Run test_moe_kernels.py and test_capacity_kernels.py on CPU under triton's interpreter, in a
+process of their own.
 
 triton decides between compiling and interpreting a kernel when it decorates it, from the
 TRITON_INTERPRET variable, so the variable must be set before anything imports the kernels:
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.model.moe.fused import triton_available
+from megatron.model.moe.backend import triton_available
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,12 +26,11 @@ def test_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(ROOT / "tests" / "model" / "test_moe_kernels.py"),
-                           str(ROOT / "tests" / "model" / "test_capacity_kernels.py"),
-                           str(ROOT / "tests" / "model" / "test_grouped_gemm.py")],
+                           str(ROOT / "tests" / "model" / "test_capacity_kernels.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 90, proc.stdout[-3000:]   # not silently skipped
+    assert passed and int(passed.group(1)) >= 70, proc.stdout[-3000:]   # not silently skipped
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
@@ -41,6 +40,6 @@ def test_triton_kernels_on_cpu_without_interpreter_name_the_flag(monkeypatch):
     from megatron.model.moe import MoELayer
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    layer = MoELayer(MoEConfig(kernels="triton", expert_impl="grouped"), 16, 4, 0.02, 0.02, 1)
-    with pytest.raises(ValueError, match="--moe-kernels triton needs a CUDA device"):
+    layer = MoELayer(MoEConfig(backend="triton"), 16, 4, 0.02, 0.02, 1)
+    with pytest.raises(ValueError, match="--moe-backend triton needs a CUDA device"):
         layer(torch.randn(5, 16))

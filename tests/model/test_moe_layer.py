@@ -16,6 +16,7 @@ from megatron.model.mlp_gating import RoutingDecision
 from megatron.model.moe import MoELayer, MoEOutput, MoEStats, compute_stats
 from megatron.model.moe.dispatch import make_plan
 from megatron.model.moe.experts import grouped_mm_available
+from megatron.model.moe.reference import use_reference_experts
 from tests.model.gelu_reference import FORMS, ref_gelu
 
 B, S, D, E, FH, V = 2, 12, 16, 6, 8, 50
@@ -38,14 +39,18 @@ IMPLS = ["loop"] + (["grouped"] if _grouped_cpu_ok() else [])
 
 def make_layer(router="threshold", drop_tokens=True, sync_free=False, impl="loop", seed=0,
                num_experts=E, activation="gelu_tanh", **kw) -> MoELayer:
+    """impl "loop": the experts as the per-expert reference loop (reference.py); any other:
+    the backend's (config.backend, default auto: torch on CPU)."""
     fields = dict(router=router, ffn_hidden_size=FH, threshold=0.7, topk=2,
                   train_capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=2,
-                  drop_tokens=drop_tokens, sync_free=sync_free, expert_impl=impl,
+                  drop_tokens=drop_tokens, sync_free=sync_free,
                   vocab_size=V, aux_loss_coeff=0.01, z_loss_coeff=0.001)
     fields.update(kw)
     torch.manual_seed(seed)
     layer = MoELayer(MoEConfig(**fields), D, num_experts, init_std=0.5, output_init_std=0.3,
                      layer_number=3, dense_ffn_hidden_size=4 * D, activation=activation)
+    if impl == "loop":
+        use_reference_experts(layer)
     if layer.experts.b1 is not None:
         with torch.no_grad():  # non-zero biases so gradients and outputs see them
             layer.experts.b1.normal_(0, 0.1)
@@ -419,7 +424,7 @@ def test_cuda_grouped_bf16_close_to_cpu_fp32(sync_free):
         out = layer(xx)
         outs.append(out)
         grads.append(torch.autograd.grad(out.output.sum(), [xx] + params(layer)))
-    assert gpu.experts.use_grouped(x.cuda())
+    assert "reference" not in str(gpu.backend)        # the grouped GEMMs, not the loop
     assert torch.equal(outs[0].stats.expert_load_E, outs[1].stats.expert_load_E.cpu())
     torch.testing.assert_close(outs[1].output.cpu(), outs[0].output, atol=3e-2, rtol=3e-2)
     for g_cpu, g_gpu in zip(*grads):
@@ -442,7 +447,7 @@ def test_plan_matches_per_expert_reference(router, drop_tokens, sync_free):
     assert plan.token_idx_P[:kept].tolist() == [t for _, t, _ in pairs]
     assert plan.weight_P[:kept].tolist() == [float(d.weights_TK[t, k].detach()) for _, t, k in pairs]
     row_of = {(t, k): p for p, (_, t, k) in enumerate(pairs)}
-    starts = plan.bag_offsets_B.tolist()
+    starts = plan.bag_offsets_G.tolist()
     ends = starts[1:] + [plan.bag_rows_J.numel()]
     for t in range(T):
         want = [row_of[(t, k)] for k in range(d.experts_TK.shape[1]) if (t, k) in row_of]
@@ -460,7 +465,7 @@ def test_bag_combine_and_dispatch_equal_index_add(sync_free):
     x, _ = inputs()
     d = layer.decide(x.reshape(T, D), None)
     plan = make_plan(d, sync_free=sync_free)
-    plain = dataclasses.replace(plan, bag_rows_J=None, bag_offsets_B=None)
+    plain = dataclasses.replace(plan, bag_rows_J=None, bag_offsets_G=None)
     g = torch.Generator().manual_seed(3)
     y = torch.randn(plan.num_rows, D, generator=g)
     if plan.valid_P is not None:
@@ -491,7 +496,7 @@ def compiled_routing(request, monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(layer_module.routing_step, fullgraph=True, dynamic=False,
                              backend=request.param)
-    monkeypatch.setattr(layer_module, "_COMPILED_ROUTING_STEPS", {"default": compiled})
+    monkeypatch.setattr(layer_module, "COMPILED_ROUTING_STEPS", {"default": compiled})
     yield request.param
     torch._dynamo.reset()
 
@@ -529,7 +534,30 @@ def test_routing_cuda_graphs_off_cuda_compile_plainly(compiled_routing):
     layer = make_layer("threshold", True, False, routing_cuda_graphs=True,
                        compile_routing=True).train()
     run_and_compare(layer)
-    assert set(layer_module._COMPILED_ROUTING_STEPS) == {"default"}
+    assert set(layer_module.COMPILED_ROUTING_STEPS) == {"default"}
+
+
+def test_backend_is_resolved_once_and_shown(monkeypatch):
+    """The layer resolves --moe-backend at construction (and when moved), never per call;
+    print(layer) names what runs. auto on CPU is the torch backend."""
+    from megatron.model.moe import layer as layer_module
+    from megatron.model.moe.backend import TORCH
+
+    layer = make_layer("threshold", True, False, impl="grouped").train()
+    assert layer.backend.name == "torch"
+    assert "backend=torch (router logits: torch_router_logits, capacity: capacity_with_rows, " \
+           "experts: torch_experts_untraced)" in str(layer)   # (untraced off CUDA)
+    calls = []
+    monkeypatch.setattr(layer_module, "resolve_backend",
+                        lambda *a: calls.append(a) or TORCH)
+    x, _ = inputs()
+    for _ in range(3):
+        layer(x).output.sum().backward()
+    assert calls == []
+    use_reference_experts(layer)
+    assert "experts: reference_moe_experts" in str(layer)
+    layer.to(torch.float32)              # a move resolves again (here: back to the torch one)
+    assert len(calls) == 1 and calls[0][0] == "auto"
 
 
 def test_routing_cuda_graphs_needs_compile_routing():

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from megatron.model.moe.fused import triton_available
+from megatron.model.moe.backend import triton_available
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -385,6 +385,7 @@ def test_launch_script_dry_run_checks_every_configuration(tiny_data, tmp_path):
         "router_study.py: error: --threshold: 0.0 is outside (0, 1]"]
 
 
+@pytest.mark.slow
 def test_a_failed_run_ends_the_study_with_its_error_and_log(tiny_data, tmp_path, capsys):
     """A command that passes the checks but fails when run (nccl without CUDA): exit code 1, the
     run's own error line and its log, last."""

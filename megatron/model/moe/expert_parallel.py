@@ -1,13 +1,13 @@
 """Expert parallelism: run the experts of an MoE layer across an expert-parallel process group.
 
-Letters: P dispatch rows of this rank (expert-major), R rows received by this rank, D hidden,
-E experts in the layer, N ranks of the group, L = E / N experts per rank.
+Shapes: the letters of megatron/model/__init__.py (P dispatch rows of this rank, expert-major;
+R rows received by this rank; W ranks of the group; L = E / W experts per rank).
 
 Rank r owns experts [r * L, (r + 1) * L) (a slice of the stacked weights, see `shard_experts`).
 The plan's rows are sorted by expert, so they are already grouped by destination rank: rank d's
 rows are the contiguous run of experts d * L .. d * L + L - 1. One step runs:
 
-  1. counts:   all_to_all of the per-expert row counts [N, L] (one host read for the splits);
+  1. counts:   all_to_all of the per-expert row counts [W, L] (one host read for the splits);
   2. send:     all_to_all_single of the rows, uneven splits (rows for rank d go to rank d);
   3. regroup:  received rows are source-major (each source's block expert-sorted); a
                permutation makes them local-expert-major for one grouped GEMM;
@@ -32,10 +32,11 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from megatron.model.moe.dispatch import DispatchPlan, combine, dispatch
 from megatron.model.moe.experts import Experts
 
-# local_experts(x_RD, group_offsets_L, group_ends=host tuple) -> y_RD; `Experts` fits.
-LocalExperts = Callable[..., torch.Tensor]
+# local_experts(x_RD, group_offsets_L) -> y_RD; `Experts` fits.
+LocalExperts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def expert_range(num_experts: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -52,8 +53,7 @@ def shard_experts(experts: Experts, rank: int, world_size: int) -> Experts:
     first, last = expert_range(experts.num_experts, rank, world_size)
     D, Fh = experts.w1.shape[1], experts.w1.shape[2]
     local = Experts(last - first, D, Fh, init_std=1.0, output_init_std=1.0,
-                    bias=experts.b1 is not None, impl=experts.impl,
-                    params_dtype=experts.w1.dtype,
+                    bias=experts.b1 is not None, params_dtype=experts.w1.dtype,
                     activation=experts.activation).to(experts.w1.device)
     with torch.no_grad():
         for name, param in local.named_parameters():
@@ -92,32 +92,32 @@ def all_to_all_rows(x_PD: torch.Tensor, out_splits: List[int], in_splits: List[i
 def exchange_counts(counts_E: Sequence[int], group: Optional[dist.ProcessGroup],
                     device: torch.device) -> List[List[int]]:
     """recv[s][l] = rows rank s sends to this rank's local expert l (host ints, one sync)."""
-    N = dist.get_world_size(group)
-    send_NL = torch.tensor(list(counts_E), dtype=torch.int64, device=device).view(N, -1)
-    recv_NL = torch.empty_like(send_NL)
-    dist.all_to_all_single(recv_NL, send_NL, group=group)
-    return recv_NL.tolist()                 # the host sync of the split sizes
+    W = dist.get_world_size(group)
+    send_WL = torch.tensor(list(counts_E), dtype=torch.int64, device=device).view(W, -1)
+    recv_WL = torch.empty_like(send_WL)
+    dist.all_to_all_single(recv_WL, send_WL, group=group)
+    return recv_WL.tolist()                 # the host sync of the split sizes
 
 
-def local_order(recv_NL: Sequence[Sequence[int]], device: torch.device
+def local_order(recv_WL: Sequence[Sequence[int]], device: torch.device
                 ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, ...]]:
     """Permutation from received (source-major) order to local-expert-major order.
 
     Returns perm_R (x_local = x_recv[perm_R]), its inverse, and the local group ends.
     Built from host counts, so no further sync.
     """
-    counts_NL = torch.tensor(recv_NL, dtype=torch.int64).reshape(len(recv_NL), -1)
-    N, L = counts_NL.shape
-    starts_NL = (torch.cumsum(counts_NL.reshape(-1), 0) - counts_NL.reshape(-1)).view(N, L)
-    counts_B = counts_NL.t().reshape(-1)                     # blocks in (local expert, src) order
-    starts_B = starts_NL.t().reshape(-1)
-    R = int(counts_B.sum())
-    block_first_B = torch.cumsum(counts_B, 0) - counts_B     # where each block lands locally
-    within_R = torch.arange(R) - torch.repeat_interleave(block_first_B, counts_B)
-    perm_R = torch.repeat_interleave(starts_B, counts_B) + within_R
+    counts_WL = torch.tensor(recv_WL, dtype=torch.int64).reshape(len(recv_WL), -1)
+    W, L = counts_WL.shape
+    starts_WL = (torch.cumsum(counts_WL.reshape(-1), 0) - counts_WL.reshape(-1)).view(W, L)
+    counts_LW = counts_WL.t().reshape(-1)              # blocks in (local expert, src) order
+    starts_LW = starts_WL.t().reshape(-1)
+    R = int(counts_LW.sum())
+    block_first_LW = torch.cumsum(counts_LW, 0) - counts_LW    # where each block lands locally
+    within_R = torch.arange(R) - torch.repeat_interleave(block_first_LW, counts_LW)
+    perm_R = torch.repeat_interleave(starts_LW, counts_LW) + within_R
     inverse_R = torch.empty_like(perm_R)
     inverse_R[perm_R] = torch.arange(R)
-    ends = tuple(torch.cumsum(counts_NL.sum(0), 0).tolist())
+    ends = tuple(torch.cumsum(counts_WL.sum(0), 0).tolist())
     return perm_R.to(device), inverse_R.to(device), ends
 
 
@@ -129,35 +129,44 @@ def expert_parallel_experts(x_PD: torch.Tensor,
 
     x_PD: this rank's dispatch rows, sorted by global expert (exact plan, P = group_ends[-1]).
     group_ends: cumulative row ends per global expert [E] (host ints, or a tensor read once).
-    local_experts: this rank's L experts, called (x_RD, group_offsets_L, group_ends=...).
+    local_experts: this rank's L experts, called (x_RD, group_offsets_L).
     Every rank of `group` must call this the same number of times (forward and backward).
     """
     if isinstance(group_ends, torch.Tensor):
         group_ends = group_ends.tolist()
     ends = [int(e) for e in group_ends]
-    N = dist.get_world_size(group)
-    if len(ends) % N != 0:
+    W = dist.get_world_size(group)
+    if len(ends) % W != 0:
         raise ValueError(f"--num-experts ({len(ends)}) must be divisible by the "
-                         f"expert-parallel size ({N})")
+                         f"expert-parallel size ({W})")
     assert x_PD.shape[0] == (ends[-1] if ends else 0), (x_PD.shape, ends[-1:])
-    L = len(ends) // N
+    L = len(ends) // W
     counts_E = [b - a for a, b in zip([0] + ends[:-1], ends)]
-    send_N = [sum(counts_E[d * L:(d + 1) * L]) for d in range(N)]
+    send_W = [sum(counts_E[d * L:(d + 1) * L]) for d in range(W)]
 
-    recv_NL = exchange_counts(counts_E, group, x_PD.device)
-    recv_N = [sum(row) for row in recv_NL]
-    perm_R, inverse_R, local_ends = local_order(recv_NL, x_PD.device)
+    recv_WL = exchange_counts(counts_E, group, x_PD.device)
+    recv_W = [sum(row) for row in recv_WL]
+    perm_R, inverse_R, local_ends = local_order(recv_WL, x_PD.device)
 
-    x_RD = all_to_all_rows(x_PD, recv_N, send_N, group)
+    x_RD = all_to_all_rows(x_PD, recv_W, send_W, group)
     # index_select (backward: index_add over unique rows) into local-expert-major order.
     x_local = x_RD.index_select(0, perm_R)
     offsets_L = torch.tensor(local_ends, dtype=torch.int32, device=x_PD.device)
     if x_local.shape[0] > 0:
-        y_local = local_experts(x_local, offsets_L, group_ends=local_ends)
+        y_local = local_experts(x_local, offsets_L)
     else:
         # No rows for this rank's experts: pass the empty received buffer on, so the return
         # all_to_all's output stays in the autograd graph and this rank runs both backward
         # collectives like its peers (an output without grad_fn would skip them: deadlock).
         y_local = x_local
     y_RD = y_local.index_select(0, inverse_R)
-    return all_to_all_rows(y_RD, send_N, recv_N, group)
+    return all_to_all_rows(y_RD, send_W, recv_W, group)
+
+
+def expert_parallel_moe(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,
+                        out_dtype: torch.dtype, group: dist.ProcessGroup) -> torch.Tensor:
+    """The experts step of a sharded MoE layer (see backend.Backend): dispatch, the experts
+    across `group` (expert_parallel_experts, on the exact plan's host group ends), combine."""
+    x_PD = dispatch(x_TD, plan)
+    y_PD = expert_parallel_experts(x_PD, plan.group_ends, experts, group)
+    return combine(y_PD, plan, out_dtype)

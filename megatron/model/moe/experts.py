@@ -1,25 +1,22 @@
-"""The experts of an MoE layer: E small GeLU MLPs with stacked weights.
+"""The experts of an MoE layer: E small GeLU MLPs with stacked weights, as grouped GEMMs.
 
-Letters: P dispatch rows (sorted by expert), D hidden, F expert hidden, E experts.
+Shapes: the letters of megatron/model/__init__.py.
 
 Each expert is Megatron's MLP: Linear(D -> F) -> GeLU -> Linear(F -> D), with the model's GeLU
 form (megatron/model/activations.py; default Megatron's fused bias + tanh GeLU), as the XMoE
 fork's experts were copies of its dense ParallelMLP.
 
-Two paths behind one call, `experts(x_PD, group_offsets_E) -> y_PD`:
-- grouped: two `torch._grouped_mm` calls over contiguous expert groups (the CUTLASS grouped GEMM
-  on sm90). On CUDA its fast kernel takes bf16 only, so inputs and weights are cast to bf16 and
-  the result cast back (an fp32 model thus runs its expert matmuls in bf16, as under autocast; use
-  expert_impl="loop" for fp32 expert math). On CPU it runs in the weights' dtype.
-- loop: a per-expert Python loop over row slices; needs the group ends on the host (one sync,
-  reused from the exact plan when it has them). The slow, obviously correct reference.
-Rows at or past group_offsets_E[-1] (padding of the sync-free plan) come out as 0 and receive no
-gradient on either path.
+`experts(x_PD, group_offsets_E) -> y_PD` runs two `torch._grouped_mm` calls over contiguous
+expert groups (the CUTLASS grouped GEMM on sm90). On CUDA its fast kernel takes bf16 only, so
+inputs and weights are cast to bf16 and the result cast back (an fp32 model thus runs its
+expert matmuls in bf16, as under autocast). On CPU it runs in the weights' dtype. Rows at or
+past group_offsets_E[-1] (padding of the sync-free plan) come out as 0 and receive no gradient.
+The per-expert loop that checks it is megatron/model/moe/reference.py (tests only).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -38,13 +35,13 @@ class Experts(nn.Module):
     b2 [E, D] = 0; activation: the GeLU form of every expert (the Triton paths read it too)."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float,
-                 output_init_std: float, bias: bool = True, impl: str = "auto",
+                 output_init_std: float, bias: bool = True,
                  params_dtype: torch.dtype = torch.float32,
                  activation: str = DEFAULT_ACTIVATION) -> None:
         super().__init__()
-        if impl not in ("auto", "grouped", "loop"):
-            raise ValueError(f"expert_impl must be auto, grouped or loop, got {impl!r}")
-        self.impl = impl
+        if not grouped_mm_available():
+            raise RuntimeError(f"MoE experts need torch._grouped_mm (torch >= 2.8); this is "
+                               f"torch {torch.__version__}")
         self.activation = activation
         self.activation_fn = activation_fn(activation)
         E, D, Fh = num_experts, hidden_size, ffn_hidden_size
@@ -64,52 +61,15 @@ class Experts(nn.Module):
         return self.w1.shape[0]
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, impl={self.impl}, activation={self.activation}"
+        return f"num_experts={self.num_experts}, activation={self.activation}"
 
-    def use_grouped(self, x: torch.Tensor) -> bool:
-        """grouped: always (if torch has it); auto: on CUDA only; loop: never."""
-        if self.impl == "grouped":
-            if not grouped_mm_available():
-                raise RuntimeError(f"expert_impl='grouped' needs torch._grouped_mm "
-                                   f"(torch >= 2.8); this is torch {torch.__version__}")
-            return True
-        return self.impl == "auto" and x.is_cuda and grouped_mm_available()
-
-    def forward(self, x_PD: torch.Tensor, group_offsets_E: torch.Tensor, *,
-                valid_P: Optional[torch.Tensor] = None,
-                group_ends: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(self, x_PD: torch.Tensor, group_offsets_E: torch.Tensor,
+                valid_P: Optional[torch.Tensor] = None) -> torch.Tensor:
         """y_PD[p] = expert_e(x_PD[p]) for rows p of group e; 0 on rows past the last group.
 
-        group_offsets_E: int32 [E] cumulative row ends. valid_P: bool [P] (rows < offsets[-1]),
-        given by the sync-free plan. group_ends: host copy of the offsets, if already read.
-        """
-        assert group_offsets_E.shape == (self.num_experts,), group_offsets_E.shape
-        if self.use_grouped(x_PD):
-            return self.forward_grouped(x_PD, group_offsets_E, valid_P)
-        if group_ends is None:
-            group_ends = group_offsets_E.tolist()       # host sync (loop path only)
-        return self.forward_loop(x_PD, group_ends)
-
-    def forward_loop(self, x_PD: torch.Tensor, group_ends: Sequence[int]) -> torch.Tensor:
-        """Reference path: one Linear-GeLU-Linear per non-empty expert slice."""
-        x = x_PD.to(self.w1.dtype)
-        outs, start = [], 0
-        for e, end in enumerate(group_ends):
-            if end > start:
-                h = x[start:end] @ self.w1[e]
-                if self.b1 is not None:
-                    h = h + self.b1[e]
-                y = self.activation_fn(h) @ self.w2[e]
-                if self.b2 is not None:
-                    y = y + self.b2[e]
-                outs.append(y)
-            start = end
-        outs.append(x.new_zeros(x.shape[0] - start, x.shape[1]))   # padding rows (sync-free)
-        return torch.cat(outs).to(x_PD.dtype)
-
-    def forward_grouped(self, x_PD: torch.Tensor, group_offsets_E: torch.Tensor,
-                        valid_P: Optional[torch.Tensor]) -> torch.Tensor:
-        """Two grouped GEMMs. mat_a [P, K] x mat_b [E, K, N] with offs = cumulative row ends.
+        group_offsets_E: int32 [E] cumulative row ends (torch._grouped_mm's offs: mat_a [P, I]
+        x mat_b [E, I, O] -> [P, O] per group). valid_P: bool [P] (rows < offsets[-1]), given by
+        the sync-free plan.
 
         Biases ride inside the GEMMs: each input row gets a column of ones (padded with zeros
         to a multiple of 8 columns, grouped_mm's 16-byte stride rule for bf16) and each
@@ -119,6 +79,7 @@ class Experts(nn.Module):
         tensor, no [P, E] one-hot GEMM, and padding rows (garbage past offs[-1]) never meet an
         arithmetic bias reduction, so only the input and output need masking.
         """
+        assert group_offsets_E.shape == (self.num_experts,), group_offsets_E.shape
         dtype = torch.bfloat16 if x_PD.is_cuda else self.w1.dtype
         offs = group_offsets_E.to(torch.int32)
         x = x_PD.to(dtype)
@@ -141,25 +102,26 @@ def _bias_pad(n: int) -> int:
     return 8 - n % 8
 
 
-def _with_ones(x_PK: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _with_ones(x_PI: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """[x, 1, 0, ..] (x unchanged without bias)."""
     if bias is None:
-        return x_PK
-    pad = x_PK.new_zeros(x_PK.shape[0], _bias_pad(x_PK.shape[1]))
+        return x_PI
+    pad = x_PI.new_zeros(x_PI.shape[0], _bias_pad(x_PI.shape[1]))
     pad[:, 0] = 1
-    return torch.cat([x_PK, pad], dim=1)
+    return torch.cat([x_PI, pad], dim=1)
 
 
-def _with_bias(w_EKN: torch.Tensor, bias_EN: Optional[torch.Tensor],
+def _with_bias(w_EIO: torch.Tensor, bias_EO: Optional[torch.Tensor],
                dtype: torch.dtype) -> torch.Tensor:
-    """[w; b; 0; ..] stacked along K, in `dtype` (w unchanged without bias)."""
-    w = w_EKN.to(dtype)
-    if bias_EN is None:
+    """[w; b; 0; ..] stacked along I, in `dtype` (w unchanged without bias)."""
+    w = w_EIO.to(dtype)
+    if bias_EO is None:
         return w
-    E, K, N = w_EKN.shape
-    zeros = w.new_zeros(E, _bias_pad(K) - 1, N)
-    return torch.cat([w, bias_EN.to(dtype)[:, None, :], zeros], dim=1)
+    E, I, O = w_EIO.shape
+    zeros = w.new_zeros(E, _bias_pad(I) - 1, O)
+    return torch.cat([w, bias_EO.to(dtype)[:, None, :], zeros], dim=1)
 
 
-def _mask_rows(x_PN: torch.Tensor, valid_P: torch.Tensor) -> torch.Tensor:
-    return torch.where(valid_P[:, None], x_PN, torch.zeros((), dtype=x_PN.dtype, device=x_PN.device))
+def _mask_rows(x_PO: torch.Tensor, valid_P: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros((), dtype=x_PO.dtype, device=x_PO.device)
+    return torch.where(valid_P[:, None], x_PO, zero)

@@ -1,6 +1,7 @@
-"""The MoE layer: route -> dispatch -> experts -> combine.
+"""The MoE layer: route -> plan -> experts (dispatch, expert MLPs, combine).
 
-Letters: T tokens, D hidden, E experts.
+Shapes: the letters of megatron/model/__init__.py. Which implementation runs each step is
+the layer's `backend` (backend.py), resolved once.
 """
 
 from __future__ import annotations
@@ -10,19 +11,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.config import DEFAULT_ACTIVATION, OVERRIDABLE_ROUTING, MoEConfig
-from megatron.model.mlp_gating import (RoutingDecision, gumbel_noise_like, make_hash_table,
-                                       route, torch_capacity)
-from megatron.model.moe.dispatch import (DispatchPlan, PlanCore, combine, dispatch, finish_plan,
-                                         plan_core)
+from megatron.model.moe.backend import resolve_backend
+from megatron.model.moe.dispatch import DispatchPlan, PlanCore, finish_plan, plan_core
+from megatron.model.moe.expert_parallel import shard_experts
 from megatron.model.moe.experts import Experts
-from megatron.model.moe.expert_parallel import expert_parallel_experts, shard_experts
-from megatron.model.moe.fused import (fused_experts, triton_capacity, triton_router_logits,
-                                      use_triton_capacity, use_triton_kernels,
-                                      use_triton_router)
+from megatron.model.moe.router import (CapacityFn, RoutingDecision, gumbel_noise_like,
+                                       make_hash_table, route, route_with_capacity)
 from megatron.model.moe.stats import MoEStats, compute_stats, token_experts
 
 
@@ -45,10 +42,14 @@ class MoELayer(nn.Module):
     dtype (routing decisions are discontinuous in the logits; bf16 logits flip them). Hash
     routing has no gate: a frozen `hash_table` buffer maps token ids to experts instead.
 
-    Expert parallelism: `shard_experts_(group)` keeps only this rank's E / N experts (a slice
+    Expert parallelism: `shard_experts_(group)` keeps only this rank's E / W experts (a slice
     of the weights every rank initialised identically), and forward then runs the experts
     across `group` (all_to_all of the dispatch rows, see expert_parallel.py). Routing, capacity
     and combine stay local: they are the same as without expert parallelism.
+
+    `backend` (backend.Backend, shown by print(layer)) holds the implementation of the router
+    logits, capacity and experts: resolved from config.backend and the device at construction,
+    again when the module moves (.to / .cuda) and when its experts are sharded.
     """
 
     def __init__(self, config: MoEConfig, hidden_size: int, num_experts: int, init_std: float,
@@ -75,13 +76,29 @@ class MoELayer(nn.Module):
             self.hash_table = None
         self.experts = Experts(num_experts, hidden_size, config.ffn_hidden_size, init_std,
                                output_init_std, bias=config.expert_bias,
-                               impl=config.expert_impl, params_dtype=params_dtype,
-                               activation=activation)
+                               params_dtype=params_dtype, activation=activation)
         self.expert_group: Optional["torch.distributed.ProcessGroup"] = None
         self.expert_parallel_rank, self.expert_parallel_size = 0, 1
+        self.resolve_backend()
+
+    def resolve_backend(self) -> None:
+        """Choose `backend` for config.backend, the device of the weights and the expert group."""
+        self.backend = resolve_backend(self.config.backend, self.experts.w1.device,
+                                       self.expert_group)
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .half() ...: the device may have changed, so resolve the backend
+        again (nn.RNNBase refreshes its flat weights here alike)."""
+        super()._apply(fn, recurse)
+        self.resolve_backend()
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"layer_number={self.layer_number}, router={self.config.router}, "
+                f"backend={self.backend}")
 
     def shard_experts_(self, group: "torch.distributed.ProcessGroup") -> None:
-        """Keep this rank's experts [r * E / N, (r + 1) * E / N) of `group` (N ranks)."""
+        """Keep this rank's experts [r * L, (r + 1) * L) of `group` (W ranks, L = E / W)."""
         import torch.distributed as dist
 
         if self.expert_group is not None:
@@ -92,6 +109,7 @@ class MoELayer(nn.Module):
         self.experts = shard_experts(self.experts, rank, size)
         self.expert_group = group
         self.expert_parallel_rank, self.expert_parallel_size = rank, size
+        self.resolve_backend()
 
     def set_routing(self, config: MoEConfig) -> None:
         """Route with `config` from now on. It may differ from the layer's config only in the
@@ -119,11 +137,14 @@ class MoELayer(nn.Module):
         return sum(p.numel() for p in self.experts.parameters()) * self.expert_parallel_size
 
     def router_logits(self, x_TD: torch.Tensor) -> Optional[torch.Tensor]:
-        """fp32 logits [T, E] (None for hash routing); .float() undoes a model-wide cast."""
-        return router_logits(x_TD, self.gate_weight, self.config.kernels)
+        """fp32 logits [T, E] (None for hash routing: no gate)."""
+        if self.gate_weight is None:
+            return None
+        return self.backend.router_logits(x_TD, self.gate_weight)
 
     def decide(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> RoutingDecision:
-        """Route the flattened tokens (train or eval capacity follows self.training)."""
+        """Route the flattened tokens (train or eval capacity follows self.training; capacity by
+        the torch sort, the reference of every backend's)."""
         return route(self.router_logits(x_TD), self.config, self.num_experts,
                      training=self.training, token_ids_T=token_ids_T,
                      hash_table_V=self.hash_table)
@@ -137,16 +158,14 @@ class MoELayer(nn.Module):
         2. plan:     kept (token, expert) pairs sorted by expert, with group offsets
                      (exact: one host sync; sync_free: static padded buffer, no sync)
         3. dispatch: gather each kept pair's token row into expert order
-        4. experts:  per-expert Linear-GeLU-Linear over contiguous groups (grouped GEMM or loop);
+        4. experts:  per-expert Linear-GeLU-Linear over contiguous groups (grouped GEMM);
                      with expert parallelism the rows travel to the rank owning their expert
                      and back (all_to_all, uneven splits)
         5. combine:  weighted fp32 per-token sums back to tokens; all-dropped tokens get 0
-        On CUDA (config.kernels), steps 3-5 run as Triton row kernels around the two grouped
-        GEMMs (fused.py): same function, fewer passes, padding rows never touched; bf16 router
-        logits come from a Triton GEMM (router_gemm.py); capacity and the rows of step 2 from
-        sort-free Triton kernels (capacity_kernels.py). Steps 1-2 after the logits, up to the
-        sync, and the statistics run as one torch.compile'd function with
-        config.compile_routing (static shapes: ~150 small ops become a few fused kernels).
+        self.backend implements the logits, the capacity (with the plan's rows) and steps 3-5
+        (see backend.py). Steps 1-2 after the logits, up to the sync, and the statistics run as
+        one torch.compile'd function with config.compile_routing (static shapes: the many small
+        ops become a few fused kernels).
         """
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
@@ -155,19 +174,7 @@ class MoELayer(nn.Module):
         decision, plan, stats = self.route_and_plan(x_TD, token_ids_T)
         if isinstance(plan, PlanCore):
             plan = finish_plan(plan, sync_free=False)          # the exact plan's host sync
-        if self.expert_group is None and use_triton_kernels(self.config.kernels, x_TD,
-                                                            self.experts):
-            out_TD = fused_experts(x_TD, plan, self.experts, out_dtype=hidden_states.dtype,
-                                   expert_gemm=self.config.expert_gemm)
-        else:
-            x_PD = dispatch(x_TD, plan)
-            if self.expert_group is None:
-                y_PD = self.experts(x_PD, plan.group_offsets_E, valid_P=plan.valid_P,
-                                    group_ends=plan.group_ends)
-            else:
-                y_PD = expert_parallel_experts(x_PD, plan.group_ends, self.experts,
-                                               self.expert_group)
-            out_TD = combine(y_PD, plan, out_dtype=hidden_states.dtype)
+        out_TD = self.backend.experts(x_TD, plan, self.experts, hidden_states.dtype)
 
         aux_loss = (self.config.aux_loss_coeff * decision.aux_loss.float()
                     + self.config.z_loss_coeff * decision.z_loss.float())
@@ -191,57 +198,44 @@ class MoELayer(nn.Module):
                 # Drawn eagerly, as route() would: the same random stream as without compile.
                 noise_TE = gumbel_noise_like(logits_TE)
         return step(logits_TE, token_ids_T, self.hash_table, noise_TE, self.config,
-                    self.num_experts, self.training, self.dense_ffn_hidden_size)
-
-
-def router_logits(x_TD: torch.Tensor, gate_weight: Optional[torch.Tensor],
-                  kernels: str = "torch") -> Optional[torch.Tensor]:
-    """fp32 router logits [T, E] (None without a gate: hash routing); .float() undoes a
-    model-wide cast of the input or the weight. bf16 inputs on CUDA take the Triton GEMM of
-    router_gemm.py (fp32-accurate, on tensor cores) unless kernels is "torch"."""
-    if gate_weight is None:
-        return None
-    if use_triton_router(kernels, x_TD):
-        return triton_router_logits(x_TD, gate_weight)
-    return F.linear(x_TD.float(), gate_weight.float())
+                    self.num_experts, self.training, self.dense_ffn_hidden_size,
+                    self.backend.capacity)
 
 
 def routing_step(logits_TE: Optional[torch.Tensor], token_ids_T: Optional[torch.Tensor],
                  hash_table_V: Optional[torch.Tensor], noise_TE: Optional[torch.Tensor],
                  config: MoEConfig, num_experts: int, training: bool,
-                 dense_ffn_hidden_size: int
+                 dense_ffn_hidden_size: int, capacity_fn: CapacityFn
                  ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
     """Router logits -> decision -> plan (finished if sync-free, else its sync-free core) and
-    statistics (layer number 0: the layer sets its own). A pure function of its arguments."""
-    routed = logits_TE if logits_TE is not None else token_ids_T
-    capacity_fn = torch_capacity
-    if routed is not None and use_triton_capacity(config.kernels, routed):
-        capacity_fn = triton_capacity
-    decision = route(logits_TE, config, num_experts, training=training, token_ids_T=token_ids_T,
-                     hash_table_V=hash_table_V, noise_TE=noise_TE, capacity_fn=capacity_fn)
-    core = plan_core(decision)
+    statistics (layer number 0: the layer sets its own). A pure function of its arguments;
+    `capacity_fn` (the backend's) decides the kept pairs and hands their rows to the plan."""
+    decision, rows = route_with_capacity(logits_TE, config, num_experts, capacity_fn,
+                                         training=training, token_ids_T=token_ids_T,
+                                         hash_table_V=hash_table_V, noise_TE=noise_TE)
+    core = plan_core(decision, rows)
     plan = finish_plan(core, sync_free=True) if config.sync_free else core
     stats = compute_stats(decision, 0, config.topk, config.ffn_hidden_size,
                           dense_ffn_hidden_size)
     return decision, plan, stats
 
 
-_COMPILED_ROUTING_STEPS: "dict[str, Callable]" = {}
+COMPILED_ROUTING_STEPS: "dict[str, Callable]" = {}
 
 
 def compiled_routing_step(mode: str = "default") -> Callable:
-    """torch.compile(routing_step, mode=mode), built once per process and mode (shapes and
-    config are guarded, so layers of one shape share the compiled code).
+    """torch.compile(routing_step, mode=mode), built once per process and mode (shapes, config
+    and the capacity function are guarded, so layers of one shape share the compiled code).
 
-    mode "reduce-overhead" (config.routing_cuda_graphs) replays the step's ~30 kernels as CUDA
+    mode "reduce-overhead" (config.routing_cuda_graphs) replays the step's kernels as CUDA
     graphs (torch's CUDA graph trees: one graph per call within a training step, i.e. per MoE
-    layer, forward and backward): on the H200's VM eager training with compiled routing went from
-    233.5k to 263.3k tokens/s (276.1k with sync-free dispatch). The graphs own their outputs:
-    the next step's replay overwrites them (torch raises if an overwritten one is read)."""
-    if mode not in _COMPILED_ROUTING_STEPS:
-        _COMPILED_ROUTING_STEPS[mode] = torch.compile(routing_step, fullgraph=True,
+    layer, forward and backward), which pays where eager training is host-bound (measured in
+    benchmarks/HISTORY.md). The graphs own their outputs: the next step's replay overwrites
+    them (torch raises if an overwritten one is read)."""
+    if mode not in COMPILED_ROUTING_STEPS:
+        COMPILED_ROUTING_STEPS[mode] = torch.compile(routing_step, fullgraph=True,
                                                       dynamic=False, mode=mode)
-    return _COMPILED_ROUTING_STEPS[mode]
+    return COMPILED_ROUTING_STEPS[mode]
 
 
 def shard_moe_layers_(model: nn.Module, group: "torch.distributed.ProcessGroup") -> int:

@@ -1,6 +1,6 @@
 """Per-layer MoE statistics, computed from a RoutingDecision with tensor ops only (no host sync).
 
-Letters: T tokens, K choice slots, E experts.
+Shapes: the letters of megatron/model/__init__.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from megatron.model.mlp_gating import RoutingDecision
+from megatron.model.moe.router import RoutingDecision
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

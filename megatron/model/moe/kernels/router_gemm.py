@@ -1,10 +1,10 @@
 """Router logits x_TD @ gate_ED^T in fp32 accuracy on bf16 tensor cores (Triton).
 
-Letters: T tokens, D hidden, E experts.
+Shapes: the letters of megatron/model/__init__.py.
 
 The router must see fp32 logits (a flipped near-tie changes which experts a token takes), but
-an fp32 GEMM without TF32 runs on the H200's CUDA cores (~55 us forward for 16K x 768 x 64,
-twice that backward) and needs an fp32 copy of the bf16 activations first. Here every fp32
+an fp32 GEMM without TF32 runs on the GPU's CUDA cores, not its tensor cores, and needs an fp32
+copy of the bf16 activations first. Here every fp32
 operand is split into bf16 parts inside the kernel (w = hi + mid + lo, exact to fp32's 24 bits),
 so all products are exact bf16 x bf16 products accumulated in fp32 on tensor cores:
 - forward:   logits = x @ (hi + mid + lo)^T; x is bf16, so this is fp32-accurate;
@@ -13,7 +13,8 @@ so all products are exact bf16 x bf16 products accumulated in fp32 on tensor cor
 - dL/dx    = g @ gate with both fp32: the three largest cross terms (hi.hi + hi.mid + mid.hi),
              relative error ~2^-16, far below the bf16 rounding of dL/dx itself (2^-9).
 Used for bf16 activations on CUDA; with SPLIT off (fp32 operands, plain fp32 dots) the same
-kernels run under triton's interpreter, which is how CPU tests check their indexing.
+kernels run under triton's interpreter, which is how CPU tests check their indexing. The
+autograd Function over these launchers is ops.RouterLogits.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _split3(v):
 
 
 @triton.jit
-def _logits_kernel(x_ptr, g_ptr, out_ptr, T, E, D: tl.constexpr, SPLIT: tl.constexpr,
+def logits_kernel(x_ptr, g_ptr, out_ptr, T, E, D: tl.constexpr, SPLIT: tl.constexpr,
                    BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
     """out[T, E] = x[T, D] @ g[E, D]^T, g split in three bf16 parts."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -60,7 +61,7 @@ def _logits_kernel(x_ptr, g_ptr, out_ptr, T, E, D: tl.constexpr, SPLIT: tl.const
 
 
 @triton.jit
-def _grad_x_kernel(g_ptr, w_ptr, out_ptr, T, E, D: tl.constexpr, SPLIT: tl.constexpr,
+def grad_x_kernel(g_ptr, w_ptr, out_ptr, T, E, D: tl.constexpr, SPLIT: tl.constexpr,
                    BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
     """out[T, D] = g[T, E] @ w[E, D] (both fp32; hi.hi + hi.mid + mid.hi)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -83,7 +84,7 @@ def _grad_x_kernel(g_ptr, w_ptr, out_ptr, T, E, D: tl.constexpr, SPLIT: tl.const
 
 
 @triton.jit
-def _grad_gate_kernel(g_ptr, x_ptr, out_ptr, T, E, rows_per_chunk, D: tl.constexpr,
+def grad_gate_kernel(g_ptr, x_ptr, out_ptr, T, E, rows_per_chunk, D: tl.constexpr,
                       SPLIT: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
                       BD: tl.constexpr):
     """out[chunk, E, D] = g[rows of chunk, E]^T @ x[rows of chunk, D], g split in three."""
@@ -111,15 +112,15 @@ def _grad_gate_kernel(g_ptr, x_ptr, out_ptr, T, E, rows_per_chunk, D: tl.constex
              mask=(es < E)[:, None] & (ds < D)[None, :])
 
 
-# Tiles and launch settings per kernel: the best of a sweep on the H200 (T = 16,384, D = 768,
-# E = 64; kernel time in a CUDA graph): logits 18.6 -> 16.6 us, dL/dx 24.6 -> 18.7 us,
-# dL/dgate with its chunk sum 22.1 -> 18.9 us against the former 64 x 64 tiles and 4 warps.
-# Tuned at E = 64 only: with more experts (BE > 64) the former 64 x 64 tiles are kept, so
-# that no [128, BE] fp32 accumulator spills where nothing was measured.
-_LOGITS = dict(BT=128, BD=64, num_warps=8, num_stages=3)
-_GRAD_X = dict(BT=128, BD=128, num_warps=4, num_stages=2)
-_GRAD_GATE = dict(BT=32, BD=128, num_warps=4, num_stages=3)
-_UNTUNED = dict(BT=64, BD=64, num_warps=4, num_stages=3)
+# Tiles and launch settings per kernel: the best of benchmarks/tune_router_gemm.py's sweep on
+# the H200 (T = 16,384, D = 768, E = 64; kernel time in a CUDA graph; the gains over the former
+# 64 x 64 tiles and 4 warps are in benchmarks/HISTORY.md). Tuned at E = 64 only: with more
+# experts (BE > 64) the former 64 x 64 tiles are kept, so that no [128, BE] fp32 accumulator
+# spills where nothing was measured.
+LOGITS_TILES = dict(BT=128, BD=64, num_warps=8, num_stages=3)
+GRAD_X_TILES = dict(BT=128, BD=128, num_warps=4, num_stages=2)
+GRAD_GATE_TILES = dict(BT=32, BD=128, num_warps=4, num_stages=3)
+UNTUNED_TILES = dict(BT=64, BD=64, num_warps=4, num_stages=3)
 # dL/dgate: row chunks reduced separately, then summed in a fixed order. Up to 64 chunks, so
 # that ~512 programs run (64 at D = 768); wider models need fewer, which also bounds the
 # [chunks, E, D] fp32 buffer of partial sums to ~512 * BD * E floats whatever D is.
@@ -132,56 +133,50 @@ def _block_e(num_experts: int) -> int:
 
 def _tiles(tuned: dict, num_experts: int) -> dict:
     """A kernel's tiles and launch settings: the tuned ones up to 64 experts."""
-    return tuned if _block_e(num_experts) <= 64 else _UNTUNED
+    return tuned if _block_e(num_experts) <= 64 else UNTUNED_TILES
 
 
 def gate_grad_chunks(T: int, D: int, E: int) -> Tuple[dict, int, int]:
     """dL/dgate's (tiles, rows per chunk, chunks): up to _CHUNKS chunks of whole row tiles,
     ~_GATE_PROGRAMS programs in all."""
-    tiles = _tiles(_GRAD_GATE, E)
+    tiles = _tiles(GRAD_GATE_TILES, E)
     bt, col_programs = tiles["BT"], triton.cdiv(D, tiles["BD"])
     max_chunks = max(1, min(_CHUNKS, triton.cdiv(_GATE_PROGRAMS, col_programs)))
     rows_per_chunk = triton.cdiv(max(T, 1), max_chunks * bt) * bt
     return tiles, rows_per_chunk, triton.cdiv(max(T, 1), rows_per_chunk)
 
 
-def router_logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Tensor:
-    """fp32 [T, E] logits with autograd (x_TD bf16 on CUDA; fp32 under the interpreter)."""
-    return _RouterLogits.apply(x_TD, gate_ED)
+def logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Tensor:
+    """fp32 [T, E] = x_TD @ gate_ED^T (x_TD bf16 on CUDA, split products; fp32 under the
+    interpreter, plain dots). Both contiguous."""
+    (T, D), E = x_TD.shape, gate_ED.shape[0]
+    out = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
+    if T:
+        tiles = _tiles(LOGITS_TILES, E)
+        logits_kernel[(triton.cdiv(T, tiles["BT"]),)](
+            x_TD, gate_ED, out, T, E, D=D, SPLIT=x_TD.dtype != torch.float32, BE=_block_e(E),
+            **tiles)
+    return out
 
 
-class _RouterLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, gate_ED):
-        x_TD, gate_ED = x_TD.contiguous(), gate_ED.contiguous()
-        ctx.save_for_backward(x_TD, gate_ED)
-        (T, D), E = x_TD.shape, gate_ED.shape[0]
-        split = x_TD.dtype != torch.float32
-        out = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
-        if T:
-            tiles = _tiles(_LOGITS, E)
-            _logits_kernel[(triton.cdiv(T, tiles["BT"]),)](
-                x_TD, gate_ED, out, T, E, D=D, SPLIT=split, BE=_block_e(E), **tiles)
-        return out
+def grad_x(grad_TE: torch.Tensor, gate_ED: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+    """dL/dx [T, D] in x's dtype = grad_TE @ gate_ED (grad_TE fp32, contiguous)."""
+    (T, D), E = x_TD.shape, gate_ED.shape[0]
+    out = torch.empty_like(x_TD)
+    if T:
+        tiles = _tiles(GRAD_X_TILES, E)
+        grad_x_kernel[(triton.cdiv(T, tiles["BT"]), triton.cdiv(D, tiles["BD"]))](
+            grad_TE, gate_ED, out, T, E, D=D, SPLIT=x_TD.dtype != torch.float32,
+            BE=_block_e(E), **tiles)
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_TE):
-        x_TD, gate_ED = ctx.saved_tensors
-        (T, D), E = x_TD.shape, gate_ED.shape[0]
-        grad_TE = grad_TE.float().contiguous()
-        split = x_TD.dtype != torch.float32
-        grad_x = grad_gate = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x_TD)
-            if T:
-                tiles = _tiles(_GRAD_X, E)
-                _grad_x_kernel[(triton.cdiv(T, tiles["BT"]), triton.cdiv(D, tiles["BD"]))](
-                    grad_TE, gate_ED, grad_x, T, E, D=D, SPLIT=split, BE=_block_e(E), **tiles)
-        if ctx.needs_input_grad[1]:
-            tiles, rows_per_chunk, chunks = gate_grad_chunks(T, D, E)
-            partial = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)
-            _grad_gate_kernel[(triton.cdiv(D, tiles["BD"]), chunks)](
-                grad_TE, x_TD, partial, T, E, rows_per_chunk, D=D, SPLIT=split,
-                BE=_block_e(E), **tiles)
-            grad_gate = partial.sum(0).to(gate_ED.dtype)
-        return grad_x, grad_gate
+
+def grad_gate(grad_TE: torch.Tensor, x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """dL/dgate fp32 [E, D] = grad_TE^T @ x_TD, chunk sums reduced in a fixed order."""
+    (T, D), E = x_TD.shape, num_experts
+    tiles, rows_per_chunk, chunks = gate_grad_chunks(T, D, E)
+    partial = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)
+    grad_gate_kernel[(triton.cdiv(D, tiles["BD"]), chunks)](
+        grad_TE, x_TD, partial, T, E, rows_per_chunk, D=D, SPLIT=x_TD.dtype != torch.float32,
+        BE=_block_e(E), **tiles)
+    return partial.sum(0)

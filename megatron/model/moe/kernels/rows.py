@@ -1,26 +1,28 @@
 """Triton kernels of the MoE layer's row traffic: gather, GeLU, combine and their backwards.
 
-Letters: T tokens, D hidden, F expert hidden, P dispatch rows (sorted by expert), N kept pairs
-(rows [0, N) hold them; N = group_offsets_E[-1] is read on the device, never on the host).
+Shapes: the letters of megatron/model/__init__.py; n = group_offsets_E[-1], the number of kept
+rows (rows [0, n) of P hold them), is read on the device, never on the host.
 
 Why: the sync-free dispatch buffer is sized by a static bound (capacity: E * C = 8 T rows at
 capacity factor 8) while ~3 T rows are used. Generic torch ops (index_select, where, gelu,
-embedding_bag) touch every row of it; these kernels read N from the device and skip the
+embedding_bag) touch every row of it; these kernels read n from the device and skip the
 rest, so the padding costs memory, not time. They also fuse what torch needs several passes
 for: the expert biases (b1 into the GeLU, b2 into the combine, each row finding its expert
 among the E group ends), the combine weight into the per-token sum (fp32 accumulation, no
 atomics), and both combine gradients into one pass; bias gradients are per-expert sums of
 the sorted rows in a fixed order (deterministic, no atomics).
-Rows at or past N are never read or written: grouped_mm leaves them alone too. The GeLU is
-any of the model's forms (gelu_triton.py: a constexpr ACT, forward and derivative).
+Rows at or past n are never read or written: grouped_mm leaves them alone too. The GeLU is
+any of the model's forms (gelu.py: a constexpr ACT, forward and derivative).
 
-Row kernels give each program a contiguous share of rows [0, N) (a few programs per SM), so a
+Row kernels give each program a contiguous share of rows [0, n) (a few programs per SM), so a
 padded buffer launches no idle work. The combine backward kernel splits each expert's rows into
-S slices instead (grid E x S): a program then knows its expert (one bias row) and sums its
-slice's dL/dy rows for dL/db2 in the same pass (an [E, S, D] buffer of partial sums, reduced in
-a fixed order: deterministic, no atomics, and no second pass over the [P, D] gradient: 56 + 25
-us -> 60 + 8 us on the H200). Imported lazily (needs triton); on CPU the kernels run under
-triton's interpreter (TRITON_INTERPRET=1), which is how CPU tests check them.
+slices instead (grid E x slices): a program then knows its expert (one bias row) and sums its
+slice's dL/dy rows for dL/db2 in the same pass (an [E, slices, D] buffer of partial sums, reduced in
+a fixed order: deterministic, no atomics, and no second pass over the [P, D] gradient, which
+measured faster than a separate sum: benchmarks/HISTORY.md). Launch settings are the best of
+benchmarks/tune_row_kernels.py's sweeps on the H200 (figures in HISTORY.md). Needs triton; on
+CPU the kernels run under triton's interpreter (TRITON_INTERPRET=1), which is how CPU tests
+check them.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ import triton
 import triton.language as tl
 
 from megatron.config import DEFAULT_ACTIVATION
-from megatron.model.moe.gelu_triton import act_code, gelu_parts
+from megatron.model.moe.kernels.gelu import act_code, gelu_parts
 
 
 @triton.jit
 def _row_range(offsets_ptr, num_experts):
-    """This program's contiguous share [start, end) of the kept rows [0, N)."""
+    """This program's contiguous share [start, end) of the kept rows [0, n)."""
     n = tl.load(offsets_ptr + num_experts - 1)
     chunk = (n + tl.num_programs(0) - 1) // tl.num_programs(0)
     start = tl.program_id(0) * chunk
@@ -48,7 +50,7 @@ def _row_range(offsets_ptr, num_experts):
 @triton.jit
 def _expert_slice(offsets_ptr):
     """Program (e, s)'s rows: the s-th of num_programs(1) near-equal slices [start, end) of
-    expert e's group (the groups tile [0, N), so every kept row has exactly one program)."""
+    expert e's group (the groups tile [0, n), so every kept row has exactly one program)."""
     e = tl.program_id(0)
     first = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
     last = tl.load(offsets_ptr + e)
@@ -58,10 +60,11 @@ def _expert_slice(offsets_ptr):
 
 
 @triton.jit
-def _partial_at(cols, W: tl.constexpr):
-    """Offsets of program (e, s)'s row of a [E, S, W] buffer of partial sums (see _tile_at)."""
+def _partial_at(cols, WIDTH: tl.constexpr):
+    """Offsets of program (e, s)'s row of an [E, slices, WIDTH] buffer of partial sums (see
+    _tile_at)."""
     slot = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    return tl.cast(slot, tl.int64) * W + cols
+    return tl.cast(slot, tl.int64) * WIDTH + cols
 
 
 @triton.jit
@@ -81,18 +84,8 @@ def _expert_of(offsets_ptr, num_experts, row, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _source_rows(idx_ptr, rows, live, GATHER: tl.constexpr):
-    """The int64 row each of `rows` reads: idx[rows] with GATHER, else the rows themselves."""
-    if GATHER:
-        src = tl.load(idx_ptr + rows, mask=live, other=0)
-    else:
-        src = rows
-    return tl.cast(src, tl.int64)
-
-
-@triton.jit
-def _tile_at(rows, cols, W: tl.constexpr):
-    """Element offsets of the tile [rows, :W] of a row-major [*, W] buffer.
+def _tile_at(rows, cols, WIDTH: tl.constexpr):
+    """Element offsets of the tile [rows, :WIDTH] of a row-major [*, WIDTH] buffer.
 
     Store addresses come from this helper of row and column indices only, never from a
     helper that also takes pointers or loaded values: torch.compile's mutation analysis of
@@ -101,13 +94,13 @@ def _tile_at(rows, cols, W: tl.constexpr):
     fails AOT autograd: "a leaf Variable that requires grad is being used in an in-place
     operation"). tests/model/test_moe_kernels_compile.py checks the analysis.
     """
-    return tl.cast(rows, tl.int64)[:, None] * W + cols[None, :]
+    return tl.cast(rows, tl.int64)[:, None] * WIDTH + cols[None, :]
 
 
 @triton.jit
-def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_stride,
+def gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_stride,
                         D: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[p] = x[token[p]] for p < N, ROWS rows per step."""
+    """out[p] = x[token[p]] for p < n, ROWS rows per step."""
     start, end = _row_range(offsets_ptr, num_experts)
     cols = tl.arange(0, BLOCK)
     for p0 in range(start, end, ROWS):
@@ -121,15 +114,15 @@ def _gather_rows_kernel(x_ptr, token_ptr, offsets_ptr, out_ptr, num_experts, x_s
 
 
 @triton.jit
-def _gelu_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
+def gelu_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
                  F: tl.constexpr, HAS_BIAS: tl.constexpr, BACKWARD: tl.constexpr,
                  ACT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
                  BLOCK_E: tl.constexpr):
-    """For rows p < N, with z = h[p] + bias[expert(p)] (GeLU form ACT, fp32 math):
+    """For rows p < n, with z = h[p] + bias[expert(p)] (GeLU form ACT, fp32 math):
     forward:  out[p] = gelu(z)                                     (grad_ptr unused)
     backward: out[p] = grad[p] * gelu'(z).
-    Columns in chunks of COLS (F = 384 in a 512-wide tile left a quarter of it masked: the
-    chunked kernel was 20-25% faster on the H200), the rows' experts found once per step."""
+    Columns in chunks of COLS (F = 384 in a 512-wide tile left a quarter of it masked; the
+    chunked kernel measured faster), the rows' experts found once per step."""
     start, end = _row_range(offsets_ptr, num_experts)
     for p0 in range(start, end, ROWS):
         rows = p0 + tl.arange(0, ROWS)
@@ -154,13 +147,13 @@ def _gelu_kernel(grad_ptr, h_ptr, bias_ptr, offsets_ptr, out_ptr, num_experts,
 
 
 @triton.jit
-def _bag_sum_kernel(src_ptr, rows_ptr, starts_ptr, weight_ptr, bias_ptr, offsets_ptr, out_ptr,
+def bag_sum_kernel(src_ptr, rows_ptr, starts_ptr, weight_ptr, bias_ptr, offsets_ptr, out_ptr,
                     num_tokens, num_experts, D: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     """out[t] = sum over j in token t's bag, r = rows[j], of
     weight[r] * (src[r] + bias[expert(r)]), in fp32.
 
-    Token t's bag is rows[starts[t]:starts[t + 1]] (the last one ends at N)."""
+    Token t's bag is rows[starts[t]:starts[t + 1]] (the last one ends at n)."""
     t = tl.program_id(0)
     n = tl.load(offsets_ptr + num_experts - 1)
     start = tl.load(starts_ptr + t)
@@ -182,7 +175,7 @@ def _bag_sum_kernel(src_ptr, rows_ptr, starts_ptr, weight_ptr, bias_ptr, offsets
 
 
 @triton.jit
-def _combine_backward_kernel(grad_ptr, y_ptr, weight_ptr, bias_ptr, token_ptr, offsets_ptr,
+def combine_backward_kernel(grad_ptr, y_ptr, weight_ptr, bias_ptr, token_ptr, offsets_ptr,
                              grad_y_ptr, grad_w_ptr, partial_ptr, D: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                              ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -218,11 +211,9 @@ def _combine_backward_kernel(grad_ptr, y_ptr, weight_ptr, bias_ptr, token_ptr, o
 
 
 @triton.jit
-def _segment_sum_kernel(src_ptr, idx_ptr, scale_ptr, offsets_ptr, out_ptr, K: tl.constexpr,
-                        GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
+def segment_sum_kernel(src_ptr, offsets_ptr, out_ptr, F: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK: tl.constexpr):
-    """out[e, cols] = sum over expert e's rows r of scale[r] * src[idx[r], cols] (idx[r] = r
-    and scale 1 when off), in fp32 (fixed order)."""
+    """out[e, cols] = sum over expert e's rows r of src[r, cols], in fp32 (fixed order)."""
     e = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
@@ -231,13 +222,10 @@ def _segment_sum_kernel(src_ptr, idx_ptr, scale_ptr, offsets_ptr, out_ptr, K: tl
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         live = rows < end
-        src_rows = _source_rows(idx_ptr, rows, live, GATHER)
-        tile = tl.load(src_ptr + src_rows[:, None] * K + cols[None, :],
-                       mask=live[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            tile *= tl.load(scale_ptr + rows, mask=live, other=0.0).to(tl.float32)[:, None]
+        tile = tl.load(src_ptr + tl.cast(rows, tl.int64)[:, None] * F + cols[None, :],
+                       mask=live[:, None] & (cols < F)[None, :], other=0.0).to(tl.float32)
         acc += tile
-    tl.store(out_ptr + e * K + cols, tl.sum(acc, axis=0), mask=cols < K)
+    tl.store(out_ptr + e * F + cols, tl.sum(acc, axis=0), mask=cols < F)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -246,14 +234,13 @@ def _block(width: int) -> int:
     return triton.next_power_of_2(max(width, 16))
 
 
-def _rows(block: int) -> int:
+def rows_per_step(block: int) -> int:
     """Rows per step of a row kernel: ~2K elements per step. With 4 warps and 32 programs per
-    SM the best of benchmarks/tune_row_kernels.py's sweep on the H200 (D = 768, F = 384):
-    5-15% faster than 4K elements and 8 programs per SM."""
+    SM the best of benchmarks/tune_row_kernels.py's sweep on the H200 (D = 768, F = 384)."""
     return max(1, min(8, 2048 // block))
 
 
-def _warps(block: int) -> int:
+def warps_for(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
@@ -264,15 +251,14 @@ def _sm_count_of(index: int) -> int:
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device, looked up once per device: the property
-    query costs ~3 us of host time per launch on the H200's VM, where launches are the
-    eager step's bottleneck."""
+    query costs host time on every launch, and launches are the eager step's bottleneck."""
     index = torch.cuda.current_device() if device.index is None else device.index
     if torch.compiler.is_compiling():       # traced once: no cache needed (nor wanted)
         return torch.cuda.get_device_properties(index).multi_processor_count
     return _sm_count_of(index)
 
 
-def _row_grid(device: torch.device, num_rows: int, per_sm: int = 32) -> tuple:
+def row_grid(device: torch.device, num_rows: int, per_sm: int = 32) -> tuple:
     """Programs for a row kernel: a few per SM (a few rows each on CPU / interpreter)."""
     if device.type == "cuda":
         return (max(1, min(num_rows, sm_count(device) * per_sm)),)
@@ -281,21 +267,21 @@ def _row_grid(device: torch.device, num_rows: int, per_sm: int = 32) -> tuple:
 
 def gather_rows(x_TD: torch.Tensor, token_P: torch.Tensor, offsets_E: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
-    """[P, D] in `dtype`: rows p < N = x_TD[token_P[p]]; rows >= N uninitialised."""
+    """[P, D] in `dtype`: rows p < n = x_TD[token_P[p]]; rows >= n uninitialised."""
     P, (T, D) = token_P.shape[0], x_TD.shape
     out = torch.empty(P, D, dtype=dtype, device=x_TD.device)
     if P and T:
         x_TD = x_TD.contiguous()
         block = _block(D)
-        _gather_rows_kernel[_row_grid(x_TD.device, P)](
+        gather_rows_kernel[row_grid(x_TD.device, P)](
             x_TD, token_P, offsets_E, out, offsets_E.shape[0], x_TD.stride(0), D=D,
-            ROWS=_rows(block), BLOCK=block, num_warps=_warps(block))
+            ROWS=rows_per_step(block), BLOCK=block, num_warps=warps_for(block))
     return out
 
 
 def gelu_rows(h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor], offsets_E: torch.Tensor,
               activation: str = DEFAULT_ACTIVATION) -> torch.Tensor:
-    """[P, F]: rows p < N = gelu(h_PF[p] + bias_EF[expert of p]) (no bias: None), GeLU form
+    """[P, F]: rows p < n = gelu(h_PF[p] + bias_EF[expert of p]) (no bias: None), GeLU form
     `activation`."""
     return _gelu(None, h_PF, bias_EF, offsets_E, activation)
 
@@ -303,21 +289,21 @@ def gelu_rows(h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor], offsets_E: to
 def gelu_backward_rows(grad_PF: torch.Tensor, h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
                        offsets_E: torch.Tensor, activation: str = DEFAULT_ACTIVATION
                        ) -> torch.Tensor:
-    """dL/dh [P, F] from dL/d(gelu_rows output); rows >= N uninitialised."""
+    """dL/dh [P, F] from dL/d(gelu_rows output); rows >= n uninitialised."""
     return _gelu(grad_PF, h_PF, bias_EF, offsets_E, activation)
 
 
 def _gelu(grad_PF: Optional[torch.Tensor], h_PF: torch.Tensor, bias_EF: Optional[torch.Tensor],
           offsets_E: torch.Tensor, activation: str) -> torch.Tensor:
-    """_gelu_kernel: forward without grad_PF, backward with it. Launch settings: the best
-    common one of a sweep on the H200 (F = 384; fwd 33.7 us, bwd 43.9 us for 49K rows): tiles
-    of 16 x 128, 8 warps, 8 programs per SM."""
+    """gelu_kernel: forward without grad_PF, backward with it. Launch settings: the best
+    common one of a sweep on the H200 (F = 384): tiles of 16 x 128, 8 warps, 8 programs per
+    SM."""
     P, Fh = h_PF.shape
     h_PF = h_PF.contiguous()
     out = torch.empty_like(h_PF)
     if P:
         cols = min(_block(Fh), 128)
-        _gelu_kernel[_row_grid(h_PF.device, P, per_sm=8)](
+        gelu_kernel[row_grid(h_PF.device, P, per_sm=8)](
             _or(grad_PF, h_PF), h_PF, _or(bias_EF, offsets_E), offsets_E, out,
             offsets_E.shape[0], F=Fh, HAS_BIAS=bias_EF is not None,
             BACKWARD=grad_PF is not None, ACT=act_code(activation),
@@ -336,17 +322,17 @@ def bag_sum(src_PD: torch.Tensor, rows_J: torch.Tensor, starts_T: torch.Tensor,
     out = torch.empty(num_tokens, D, dtype=out_dtype, device=src_PD.device)
     if num_tokens:
         block = _block(D)
-        _bag_sum_kernel[(num_tokens,)](
+        bag_sum_kernel[(num_tokens,)](
             src_PD, rows_J, starts_T, _or(weight_P, offsets_E), _or(bias_ED, offsets_E),
             offsets_E, out, num_tokens, offsets_E.shape[0], D=D,
             HAS_WEIGHT=weight_P is not None, HAS_BIAS=bias_ED is not None, BLOCK=block,
-            # A bag holds a few rows: one warp per 1K columns (sweep: 1 warp 31 us, 4 warps 39).
+            # A bag holds a few rows: one warp per 1K columns (the sweep's best).
             BLOCK_E=_block(offsets_E.shape[0]), num_warps=max(1, block // 1024))
     return out
 
 
 def _expert_grid(device: torch.device, num_experts: int, per_sm: int) -> tuple:
-    """(E, S) programs: each expert's rows in S slices, ~per_sm programs per SM in all (two
+    """(E, slices) programs: each expert's rows in slices, ~per_sm programs per SM in all (two
     slices per expert on CPU / interpreter, so the tests see a split)."""
     if device.type == "cuda":
         return (num_experts, max(1, -(-sm_count(device) * per_sm // num_experts)))
@@ -357,7 +343,7 @@ def combine_backward(grad_TD: torch.Tensor, y_PD: torch.Tensor, weight_P: torch.
                      bias_ED: Optional[torch.Tensor], token_P: torch.Tensor,
                      offsets_E: torch.Tensor, bias_grad: bool = False
                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(dL/dy [P, D] in y's dtype, rows >= N uninitialised; dL/dweight fp32 [P], 0 past N;
+    """(dL/dy [P, D] in y's dtype, rows >= n uninitialised; dL/dweight fp32 [P], 0 past n;
     with bias_grad dL/dbias fp32 [E, D] = per-expert sums of dL/dy, else None)."""
     P, D = y_PD.shape
     E = offsets_E.shape[0]
@@ -365,34 +351,30 @@ def combine_backward(grad_TD: torch.Tensor, y_PD: torch.Tensor, weight_P: torch.
     grad_y = torch.empty(P, D, dtype=y_PD.dtype, device=y_PD.device)
     grad_w = torch.zeros(P, dtype=torch.float32, device=y_PD.device)
     grid = _expert_grid(y_PD.device, E, per_sm=32)
-    partial = None         # [E, S, D] per-slice sums: every launched program writes its row
+    partial = None         # [E, slices, D] per-slice sums: every launched program writes its row
     if bias_grad:
         partial = (torch.empty if P and E else torch.zeros)(*grid, D, dtype=torch.float32,
                                                              device=y_PD.device)
     if P and E:
         block = _block(D)
-        _combine_backward_kernel[grid](
+        combine_backward_kernel[grid](
             grad_TD, y_PD, weight_P, _or(bias_ED, offsets_E), token_P, offsets_E, grad_y, grad_w,
             _or(partial, offsets_E), D=D, HAS_BIAS=bias_ED is not None, BIAS_GRAD=bias_grad,
-            ROWS=_rows(block), BLOCK=block, num_warps=_warps(block))
+            ROWS=rows_per_step(block), BLOCK=block, num_warps=warps_for(block))
     # Summed over the slices in a fixed order: deterministic.
     return grad_y, grad_w, None if partial is None else partial.sum(dim=1)
 
 
-def segment_sum(src_PK: torch.Tensor, offsets_E: torch.Tensor,
-                idx_P: Optional[torch.Tensor] = None,
-                scale_P: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp32 [E, K]: row e = sum over expert e's rows p of scale_P[p] * src_PK[idx_P[p]]
-    (idx_P[p] = p and scale 1 when None): a bias gradient."""
-    K = src_PK.shape[1]
+def segment_sum(src_PF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """fp32 [E, F]: row e = sum over expert e's rows p of src_PF[p] (a bias gradient; any
+    width F)."""
+    Fw = src_PF.shape[1]
     E = offsets_E.shape[0]
-    out = torch.empty(E, K, dtype=torch.float32, device=src_PK.device)
+    out = torch.empty(E, Fw, dtype=torch.float32, device=src_PF.device)
     if E:
-        block = min(_block(K), 64)
-        _segment_sum_kernel[(E, triton.cdiv(K, block))](
-            src_PK.contiguous(), _or(idx_P, offsets_E), _or(scale_P, offsets_E), offsets_E,
-            out, K=K, GATHER=idx_P is not None, HAS_SCALE=scale_P is not None, ROWS=16,
-            BLOCK=block, num_warps=8)
+        block = min(_block(Fw), 64)
+        segment_sum_kernel[(E, triton.cdiv(Fw, block))](
+            src_PF.contiguous(), offsets_E, out, F=Fw, ROWS=16, BLOCK=block, num_warps=8)
     return out
 
 

@@ -1,8 +1,8 @@
 """The GeLU forms of megatron/model/activations.py inside Triton kernels: a constexpr ACT.
 
-kernels.py (the GeLU row kernel) and grouped_gemm.py (the GeLU epilogues of the fused grouped
-GEMMs) call `gelu_parts(x, ACT)` for the value and the derivative, in fp32; tests compare both
-with the formulas written out in tests/model/gelu_reference.py, forward and backward.
+rows.py (the GeLU row kernel) calls `gelu_parts(x, ACT)` for the value and the derivative, in
+fp32; tests compare both with the formulas written out in tests/model/gelu_reference.py, forward
+and backward.
 """
 
 from __future__ import annotations

@@ -1,28 +1,28 @@
 """Capacity and the dispatch plan's rows in four Triton kernels, without a sort.
 
-Letters: T tokens, K choice slots, E experts, C capacity.
+Shapes: the letters of megatron/model/__init__.py.
 
-The same decisions as mlp_gating.capacity_and_counts (priority within an expert: lower slot k,
-then higher probability, then lower token index) plus what dispatch.plan_core derives from
+The same decisions as router.capacity_and_counts (priority within an expert: lower slot k,
+then higher probability, then lower token index) plus what dispatch.rows_by_scans derives from
 them, the dispatch row of every kept pair (expert-major, token-minor). The torch path sorts
-all T * K pairs on a 43-bit key and then scans an [E, T] grid: on the H200 at T = 16k, K = 64
-(threshold routing) ~0.2 ms per layer forward, ~15% of the whole layer's fwd + bwd. Here:
+all T * K pairs on a 43-bit key and then scans an [E, T] grid, a large share of the layer's
+time at threshold routing's K = E (measured in benchmarks/HISTORY.md). Here:
 
-1. `_slot_grid_kernel`: grid[e, t] = k + 1 if token t wants expert e at slot k, else 0 (a
+1. `slot_grid_kernel`: grid[e, t] = k + 1 if token t wants expert e at slot k, else 0 (a
    token's slots name distinct experts, so each cell is written at most once).
-2. `_cutoff_kernel`, one program per expert: counts its wanted pairs per slot. If they fit in C
+2. `cutoff_kernel`, one program per expert: counts its wanted pairs per slot. If they fit in C
    (the usual case), every pair is kept and the program is done. Otherwise the pairs of the
    slots before the cut slot s* are kept, and of slot s* the m = C - (pairs before s*) most
    probable: an MSB-first radix select (4 passes of 8 bits) over the probabilities' IEEE bits
    (non-negative floats order like their bits as integers) finds the m-th largest value v* and
    how many of the pairs equal to v* are kept - the lowest-token ones.
-3. `_rows_kernel`, one program per expert: walks its tokens in order, keeps pairs by that cut
+3. `rows_kernel`, one program per expert: walks its tokens in order, keeps pairs by that cut
    and numbers them from the expert's group start (the kept counts of the experts before it).
-4. `_token_bags_kernel` (token_bags, called by dispatch.plan_core): from those rows, the plan's
-   pair index of every row and the token-major bags, in one pass over [T, K].
+4. `token_bags_kernel` (token_bags): from those rows, the plan's pair index of every row and
+   the token-major bags, in one pass over [T, K] (dispatch.PlanRows).
 
-Nothing is read on the host. CUDA by default (MoEConfig.kernels); CPU tests run the kernels
-under triton's interpreter and compare them with the torch path, exactly.
+Nothing is read on the host. The Triton backend's capacity strategy (ops.triton_capacity); CPU
+tests run the kernels under triton's interpreter and compare them with the torch path, exactly.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _prob_bits(probs_ptr, t, K, s, live):
 
 
 @triton.jit
-def _slot_grid_kernel(experts_ptr, wanted_ptr, grid_ptr, T, K, BLOCK_T: tl.constexpr,
+def slot_grid_kernel(experts_ptr, wanted_ptr, grid_ptr, T, K, BLOCK_T: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """grid[e, t] = k + 1 for every wanted pair (t, k) with experts[t, k] = e."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -84,7 +84,7 @@ def _radix_select(row_ptr, probs_ptr, T, K, cut, m, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _cutoff_kernel(grid_ptr, probs_ptr, cut_ptr, T, K, capacity, KB: tl.constexpr,
+def cutoff_kernel(grid_ptr, probs_ptr, cut_ptr, T, K, capacity, KB: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     """Per expert: cut slot (KB when all wanted pairs fit), v*, quota and kept count."""
     e = tl.program_id(0)
@@ -109,7 +109,7 @@ def _cutoff_kernel(grid_ptr, probs_ptr, cut_ptr, T, K, capacity, KB: tl.constexp
 
 
 @triton.jit
-def _rows_kernel(grid_ptr, probs_ptr, cut_ptr, kept_ptr, rows_ptr, counts_ptr, T, K,
+def rows_kernel(grid_ptr, probs_ptr, cut_ptr, kept_ptr, rows_ptr, counts_ptr, T, K,
                  num_experts, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per expert, tokens in order: kept[t, k] and row[t, k] = group start + kept pairs so far."""
     e = tl.program_id(0)
@@ -141,7 +141,7 @@ def _rows_kernel(grid_ptr, probs_ptr, cut_ptr, kept_ptr, rows_ptr, counts_ptr, T
 
 
 @triton.jit
-def _token_bags_kernel(kept_ptr, rows_ptr, bag_start_ptr, pair_ptr, bag_rows_ptr, T, K,
+def token_bags_kernel(kept_ptr, rows_ptr, bag_start_ptr, pair_ptr, bag_rows_ptr, T, K,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """For each kept pair (t, k) with row r: pair[r] = t * K + k, and r is entry j of token
     t's bag (j = kept slots of t before k): bag_rows[bag_start[t] + j] = r."""
@@ -174,19 +174,19 @@ def capacity_rows(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: t
     grid_ET = torch.zeros(E, T, dtype=torch.int32, device=device)
     block_k = triton.next_power_of_2(K)
     block_t = max(1, 4096 // block_k)
-    _slot_grid_kernel[(triton.cdiv(T, block_t),)](
+    slot_grid_kernel[(triton.cdiv(T, block_t),)](
         experts_TK.contiguous(), wanted_TK.to(torch.uint8), grid_ET, T, K,
         BLOCK_T=block_t, BLOCK_K=block_k)
     probs_TK = probs_TK.detach().float().contiguous()
     # per expert: cut slot, v* bits, quota, kept count (the kernels' stride of 4)
     cut_E4 = torch.empty(E, 4, dtype=torch.int32, device=device)
     scan = min(scan_block, triton.next_power_of_2(max(T, 16)))
-    _cutoff_kernel[(E,)](grid_ET, probs_TK, cut_E4, T, K, cap,
+    cutoff_kernel[(E,)](grid_ET, probs_TK, cut_E4, T, K, cap,
                          KB=triton.next_power_of_2(K + 1), BLOCK_T=scan, num_warps=8)
     kept_TK = torch.zeros(T, K, dtype=torch.uint8, device=device)
     rows_TK = torch.empty(T, K, dtype=torch.int32, device=device)
     counts_E = torch.empty(E, dtype=torch.int64, device=device)
-    _rows_kernel[(E,)](grid_ET, probs_TK, cut_E4, kept_TK, rows_TK, counts_E, T, K, E,
+    rows_kernel[(E,)](grid_ET, probs_TK, cut_E4, kept_TK, rows_TK, counts_E, T, K, E,
                        BLOCK_T=scan, BLOCK_E=triton.next_power_of_2(E), num_warps=8)
     # uint8 buffers, converted by torch: no dtype-changing views of kernel outputs under
     # torch.compile's functionalization.
@@ -195,20 +195,20 @@ def capacity_rows(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: t
 
 def token_bags(kept_TK: torch.Tensor, rows_TK: torch.Tensor, bound: int
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rest of the dispatch plan from capacity_rows' output (see dispatch.PlanCore):
-    pair_B int64 [bound] (the flat pair index t * K + k of each row; filler p past the kept
-    pairs), rows_J int64 [bound] (rows regrouped by token, token-major; 0 past the kept pairs)
-    and bag_offsets_T int64 [T] (each token's first entry). One pass over [T, K], where the
-    torch path scans and scatters all T * K slots (~0.08 ms at T = 16k, K = 64)."""
+    """The rest of the dispatch plan's rows from capacity_rows' output (see dispatch.PlanRows):
+    pair_P int64 [P = bound] (the flat pair index t * K + k of each row; filler p past the
+    kept pairs), rows_J int64 [P] (rows regrouped by token, token-major; 0 past the kept
+    pairs) and bag_offsets_T int64 [T] (each token's first entry). One pass over [T, K], where
+    the torch path scans and scatters all T * K slots."""
     T, K = kept_TK.shape
     kept_T = kept_TK.sum(dim=1)
     bag_offsets_T = torch.cumsum(kept_T, 0) - kept_T
-    pair_B = torch.arange(bound, device=kept_TK.device)
+    pair_P = torch.arange(bound, device=kept_TK.device)
     rows_J = torch.zeros(bound, dtype=torch.int64, device=kept_TK.device)
     if T and K:
         block_k = triton.next_power_of_2(K)
         block_t = max(1, 4096 // block_k)
-        _token_bags_kernel[(triton.cdiv(T, block_t),)](
-            kept_TK.to(torch.uint8), rows_TK, bag_offsets_T, pair_B, rows_J, T, K,
+        token_bags_kernel[(triton.cdiv(T, block_t),)](
+            kept_TK.to(torch.uint8), rows_TK, bag_offsets_T, pair_P, rows_J, T, K,
             BLOCK_T=block_t, BLOCK_K=block_k)
-    return pair_B, rows_J, bag_offsets_T
+    return pair_P, rows_J, bag_offsets_T
