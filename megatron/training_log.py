@@ -177,7 +177,9 @@ class FlopsModel:
     def of_model(cls, model: torch.nn.Module, seq_length: int, recompute: bool) -> "FlopsModel":
         counts = model.parameter_counts()
         positions = model.embedding.position_embeddings.weight.numel()
-        per_expert = tuple(_expert_numel(layer.mlp) / layer.num_experts
+        # The layer's own count: every rank's shard under expert parallelism (a count of the
+        # local parameters would under-report every expert-parallel run's TFLOPs).
+        per_expert = tuple(layer.mlp.num_expert_parameters() / layer.num_experts
                            for layer in model.transformer.layers if layer.is_moe)
         return cls(counts["non_expert"] - positions, per_expert, model.config.num_layers,
                    model.config.hidden_size, seq_length, recompute)
@@ -189,10 +191,6 @@ class FlopsModel:
         tokens = global_batch_size * self.seq_length
         attention = 2 * c * self.num_layers * self.hidden_size * self.seq_length ** 2
         return c * active * tokens + attention * global_batch_size
-
-
-def _expert_numel(moe_layer: torch.nn.Module) -> int:
-    return sum(p.numel() for p in moe_layer.experts.parameters())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -16,11 +15,13 @@ from megatron.config import GPTConfig, MoEConfig, OptimizerConfig, TrainingConfi
 from megatron.evaluation import evaluate, get_batch
 from megatron.initialize import distributed_env
 from megatron.model import GPTModel
+from megatron.model.moe.expert_parallel import shard_experts
 from megatron.optimizer import build_optimizer
 from megatron.training import sample_counts, total_train_iters
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, eval_block,
                                    iteration_line, moe_lines, moe_stats_tensors)
 from pretrain_gpt import error_message
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 
@@ -88,6 +89,22 @@ def test_flops_model_counts_active_parameters_by_hand():
     assert flops.per_iteration(B, used) == pytest.approx(expected)
     recompute = FlopsModel.of_model(model, seq_length=s, recompute=True)
     assert recompute.per_iteration(B, used) == pytest.approx(expected * 8 / 6)
+
+
+def test_flops_model_under_expert_parallelism_counts_every_ranks_experts():
+    """Each rank of an EP=2 run holds half of every MoE layer's experts (as shard_experts_
+    leaves it); its FLOPs per iteration are still the whole model's, as with EP=1."""
+    model = GPTModel(tiny_moe_config(num_experts=(4, 2)))
+    whole = FlopsModel.of_model(model, seq_length=8, recompute=False)
+    for layer in model.transformer.layers:
+        if layer.is_moe:
+            layer.mlp.experts = shard_experts(layer.mlp.experts, rank=1, world_size=2)
+            layer.mlp.expert_parallel_size = 2
+    assert model.transformer.layers[1].mlp.num_local_experts * 2 == \
+        model.transformer.layers[1].num_experts
+    sharded = FlopsModel.of_model(model, seq_length=8, recompute=False)
+    assert sharded == whole
+    assert sharded.per_iteration(3, [1.5, 2.25]) == whole.per_iteration(3, [1.5, 2.25])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,10 +256,7 @@ def deepspeed_one_rank():
     """deepspeed with a gloo group of one rank (no shm op build); the environment restored."""
     ds = pytest.importorskip("deepspeed")
     mp = pytest.MonkeyPatch()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                            WORLD_SIZE="1", LOCAL_RANK="0").items():
         mp.setenv(key, value)
     mp.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
