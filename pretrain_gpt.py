@@ -39,11 +39,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     env, training = None, False
     try:
         env = distributed_env(args.local_rank)
-        validate_args(args, env.world_size)
-        data = build_data_config(args)
+        validated = validate_args(args, env.world_size)
+        data = build_data_config(validated.flags)
         tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file,
                                     make_vocab_size_divisible_by=data.make_vocab_size_divisible_by)
-        run = build_configs(args, tokenizer.padded_vocab_size)
+        run = build_configs(validated, tokenizer.padded_vocab_size)
         from megatron.training import pretrain  # torch and deepspeed: only for a valid command
 
         training = True

@@ -1,13 +1,16 @@
 """The Megatron-spelled command line of `pretrain_gpt.py`, parsed and validated in one place.
 
     args = parse_args(argv)                      # every flag the original XMoE launch script passes
-    validate_args(args, world_size)              # ValueError naming the flag; "not supported" ...
-    data = build_data_config(args)               # -> tokenizer -> padded vocabulary size
-    run = build_configs(args, padded_vocab_size) # RunConfig of small frozen dataclasses
+    v = validate_args(args, world_size)          # ValidatedArgs; ValueError naming the flag ...
+    data = build_data_config(v.flags)            # -> tokenizer -> padded vocabulary size
+    run = build_configs(v, padded_vocab_size)    # RunConfig (each config checks its own options)
     ds = deepspeed_config_dict(run)              # the DeepSpeed JSON to hand to deepspeed
 
-This module and megatron/run_config.py (build_configs, re-exported here) are the only code that
-reads the argparse namespace; everything below the entry point takes a config from
+Each option's value is checked once, where its typed config is built (megatron/config.py's
+__post_init__, through build_configs); validate_args checks what no single config can see: flags
+given together, the world size, the files, the DeepSpeed JSON against the flags, and what is
+not supported. This module and megatron/run_config.py (build_configs, re-exported here) are the
+only code that reads the argparse namespace; everything below the entry point takes a config from
 `megatron.config`. Flag names and defaults follow Megatron-DeepSpeed (e.g.
 --moe-loss-coeff 0.1, --initial-loss-scale 2**32, --split 969,30,1) and the XMoE fork's additions.
 
@@ -38,12 +41,13 @@ import os
 import sys
 from typing import Optional
 
-from megatron.config import MOE_BACKENDS, moe_layer_numbers
+from megatron.config import MOE_BACKENDS
 from megatron.data.dataset_split import parse_data_path, parse_split
 from megatron.deepspeed_config import (  # noqa: F401  (re-exported for the entry point)
     check_deepspeed_args, deepspeed_config_dict, read_deepspeed_config)
 from megatron.run_config import (  # noqa: F401  (re-exported: the entry point's API)
-    DEFAULT_THRESHOLD, RunConfig, apply_checkpoint_args, build_configs, build_data_config)
+    DEFAULT_THRESHOLD, RunConfig, ValidatedArgs, apply_checkpoint_args, build_configs,
+    build_data_config)
 
 ROUTER_FLAGS = (("use_threshold", "--use-threshold", "threshold"),
                 ("use_topk", "--use-topk", "topk"),
@@ -343,31 +347,32 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
 # validate_args
 
 
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Raise ValueError naming the flag for anything unbuilt or inconsistent.
+def validate_args(args: argparse.Namespace, world_size: int) -> ValidatedArgs:
+    """The command line checked for `world_size` processes, as build_configs' input: ValueError
+    naming the flag for anything unbuilt or inconsistent.
 
-    With --use-checkpoint-args it first fills the model flags not given from the checkpoint
-    (megatron/run_config.apply_checkpoint_args), so the merged values are what is validated.
-    On success it fills Megatron's derived defaults on `args` (--global-batch-size: micro batch
-    x data-parallel size; --max-position-embeddings: --seq-length) and records what
-    build_configs needs: world_size, data_parallel_size (= world_size: no tensor or pipeline
-    parallelism), router, zero_stage (flag, JSON or 0) and distributed_backend (resolved).
+    Works on a copy of `args` (the caller's namespace is left as parsed): with
+    --use-checkpoint-args it first fills the model flags not given from the checkpoint
+    (megatron/run_config.apply_checkpoint_args), so the merged values are what is checked, then
+    Megatron's derived defaults (--global-batch-size: micro batch x data-parallel size;
+    --max-position-embeddings: --seq-length). The router, ZeRO stage (flag, JSON or 0) and
+    distributed backend it resolves are fields of the result.
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
-    apply_checkpoint_args(args)     # --use-checkpoint-args: before anything is checked
-    _check_not_supported(args)
-    _check_model(args)
-    _check_expert_parallel(args, world_size)
-    router = _resolve_router(args)
-    _check_training(args, world_size)
-    _check_data(args)
-    zero_stage = check_deepspeed_args(args, world_size)
-    args.world_size = world_size
-    args.data_parallel_size = world_size
-    args.router = router
-    args.zero_stage = zero_stage
-    args.distributed_backend = _resolve_backend(args.distributed_backend)
+    flags = argparse.Namespace(**vars(args))
+    checkpoint_model, checkpoint_dir = apply_checkpoint_args(flags)   # before anything is checked
+    _check_not_supported(flags)
+    _check_model(flags)
+    _check_expert_parallel(flags, world_size)
+    router = _resolve_router(flags)
+    _check_training(flags, world_size)
+    _check_data(flags)
+    zero_stage = check_deepspeed_args(flags, world_size)
+    return ValidatedArgs(flags=flags, world_size=world_size, router=router,
+                         zero_stage=zero_stage,
+                         distributed_backend=_resolve_backend(flags.distributed_backend),
+                         checkpoint_model=checkpoint_model, checkpoint_dir=checkpoint_dir)
 
 
 def _check_not_supported(args: argparse.Namespace) -> None:
@@ -401,17 +406,6 @@ def _check_model(args: argparse.Namespace) -> None:
     if args.seq_length > args.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}")
-    if args.expert_interval < 1:
-        raise ValueError(f"--expert-interval must be >= 1, got {args.expert_interval}")
-    if any(e < 1 for e in args.num_experts):
-        raise ValueError(f"--num-experts values must be >= 1, got {args.num_experts}")
-    moe_layers = moe_layer_numbers(args.num_layers, args.expert_interval, args.no_moe_layer_num)
-    if len(args.num_experts) != 1 and len(args.num_experts) != len(moe_layers):
-        raise ValueError(f"--num-experts takes one value or one per MoE layer; layers "
-                         f"{list(moe_layers)} are MoE ({len(moe_layers)}), got "
-                         f"{len(args.num_experts)} values {args.num_experts}")
-    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
-        raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.moe_routing_cuda_graphs and args.checkpoint_activations:
         # Seen on the H200 (torch 2.11): CUDA graph trees stop with "graph recording observed
         # an input tensor deallocate during graph recording" when the recomputation replays
@@ -423,9 +417,7 @@ def _check_model(args: argparse.Namespace) -> None:
 
 def _check_expert_parallel(args: argparse.Namespace, world_size: int) -> None:
     ep = args.moe_expert_parallel_size
-    if ep < 1:
-        raise ValueError(f"--moe-expert-parallel-size must be >= 1, got {ep}")
-    if ep == 1:
+    if ep <= 1:                  # (below 1: MoEConfig names it)
         return
     uneven = [e for e in args.num_experts if e > 1 and e % ep]
     if uneven:
@@ -447,10 +439,6 @@ def _resolve_router(args: argparse.Namespace) -> str:
     given = [(flag, router) for attr, flag, router in ROUTER_FLAGS if getattr(args, attr)]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(f for f, _ in given)}: give at most one router flag")
-    if args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    if args.threshold_max_experts is not None and args.threshold_max_experts < 1:
-        raise ValueError(f"--threshold-max-experts must be >= 1, got {args.threshold_max_experts}")
     if given:
         return given[0][1]
     return "switch" if args.topk == 1 else "topk"
@@ -467,13 +455,6 @@ def _check_training(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not a positive "
                          f"multiple of --micro-batch-size {args.micro_batch_size} x data-parallel "
                          f"size {world_size} (= {per_step})")
-    if args.train_iters is None and args.train_tokens is None and not args.eval_only:
-        raise ValueError("give --train-iters or --train-tokens (or --eval-only)")
-    if args.fp16 and args.bf16:
-        raise ValueError("--fp16 and --bf16 are exclusive: give at most one")
-    if args.lr_warmup_fraction is not None and args.lr_warmup_iters > 0:
-        raise ValueError(f"--lr-warmup-fraction {args.lr_warmup_fraction} and --lr-warmup-iters "
-                         f"{args.lr_warmup_iters}: give only one")
     if args.lr is None and not args.eval_only:
         raise ValueError("--lr is required for training")
     if args.distributed_backend == "nccl" and not _cuda_available():

@@ -85,7 +85,7 @@ class MoEConfig:
             raise ValueError(f"--moe-ffn-hidden-size must be > 0, got {self.ffn_hidden_size}")
         if self.router == "topk" and self.topk < 1:
             raise ValueError(f"--topk must be >= 1, got {self.topk}")
-        if self.router == "threshold" and not (0.0 < self.threshold <= 1.0):
+        if not 0.0 < self.threshold <= 1.0:      # checked for every router: a typo never waits
             raise ValueError(f"--threshold must be in (0, 1], got {self.threshold}")
         if self.threshold_max_experts is not None and self.threshold_max_experts < 1:
             raise ValueError(
@@ -160,7 +160,8 @@ class GPTConfig:
             raise ValueError(f"--hidden-size {self.hidden_size} is not divisible by "
                              f"--num-attention-heads {self.num_attention_heads}")
         if self.params_dtype not in PARAMS_DTYPES:
-            raise ValueError(f"params dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
+            raise ValueError(f"params dtype must be one of {PARAMS_DTYPES}, got "
+                             f"{self.params_dtype!r}")
         if self.no_moe_layer_num < 0:
             raise ValueError(f"--no-moe-layer-num must be >= 0, got {self.no_moe_layer_num}")
         if any(e < 1 for e in self.num_experts) or not self.num_experts:

@@ -1,7 +1,7 @@
 """The run's typed configs, built from a validated command line (megatron/arguments.py).
 
-    apply_checkpoint_args(args)                    # --use-checkpoint-args (validate_args calls it)
-    run = build_configs(args, padded_vocab_size)   # RunConfig of small frozen dataclasses
+    v = validate_args(args, world_size)            # megatron/arguments.py -> ValidatedArgs
+    run = build_configs(v, padded_vocab_size)      # RunConfig of small frozen dataclasses
 
 `apply_checkpoint_args`, `build_configs` and `build_data_config` are the only readers of the
 argparse namespace besides megatron/arguments.py, which parses and validates it (and re-exports
@@ -9,9 +9,9 @@ these names).
 
 --use-checkpoint-args (Megatron's flag) takes the model flags from the checkpoint --load names,
 so that evaluating it needs only --load, data, tokenizer and batch flags. The merge happens in
-one place, `apply_checkpoint_args`, on the namespace before anything is validated, so the
-merged values go through the same validation and the same config building as flags typed by
-hand. What it decides:
+one place, `apply_checkpoint_args`, on validate_args' copy of the namespace before anything is
+validated, so the merged values go through the same validation and the same config building as
+flags typed by hand. What it decides:
 - Taken from the saved model config (xmoe_checkpoint.json "model"; older checkpoints: the
   model file's client state "args"): every GPTConfig / MoEConfig field a flag sets (_MODEL_DESTS,
   _MOE_DESTS: shape, placement, GeLU form, LayerNorm epsilon, dropout, init std, the router and
@@ -40,7 +40,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from megatron.checkpoint_args import LEGACY_ACTIVATION, model_differences
 from megatron.checkpoint_check import saved_model_config
@@ -95,24 +95,51 @@ def _absolute(path: Optional[str]) -> Optional[str]:
     return None if path is None else os.path.abspath(path)
 
 
-def build_configs(args: argparse.Namespace, padded_vocab_size: int) -> RunConfig:
-    """Turn a validated namespace into the run's frozen configs (the only reader of `args`).
+@dataclass(frozen=True)
+class ValidatedArgs:
+    """What validate_args (megatron/arguments.py) hands to build_configs.
+
+    flags: a copy of the parsed namespace with --use-checkpoint-args' values and Megatron's
+    derived defaults filled in (--global-batch-size: micro-batch x data-parallel size;
+    --max-position-embeddings: --seq-length), as Megatron's own args hold them. The rest is
+    what validation derived. The caller's namespace is never changed, and build_configs takes
+    only this type, so a command line that was not validated cannot be built.
+    """
+
+    flags: argparse.Namespace
+    world_size: int
+    router: str                                   # the one router (arguments._resolve_router)
+    zero_stage: int                               # the flag, the DeepSpeed JSON's, or 0
+    distributed_backend: str                      # the flag, else nccl with CUDA, gloo without
+    checkpoint_model: Optional[Dict[str, Any]] = None   # --use-checkpoint-args: saved config
+    checkpoint_dir: Optional[str] = None                # ... and the tag directory it came from
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Every process is a data-parallel rank (no tensor or pipeline parallelism)."""
+        return self.world_size
+
+
+def build_configs(validated: ValidatedArgs, padded_vocab_size: int) -> RunConfig:
+    """Turn a validated command line into the run's frozen configs (each config validates its
+    own options once, in its __post_init__: a bad value is one ValueError naming the flag).
 
     Under --use-checkpoint-args, explicit model flags that differ from the checkpoint's in
     shape or function are refused here (ValueError naming each), before anything is built.
     """
-    if not hasattr(args, "router"):
-        raise ValueError("call validate_args(args, world_size) before build_configs")
-    model = _model_config(args, padded_vocab_size)
-    saved = getattr(args, "checkpoint_model", None)
-    if saved is not None:
-        shape, _ = model_differences(saved, dataclasses.asdict(model))
+    if not isinstance(validated, ValidatedArgs):
+        raise TypeError("build_configs takes validate_args(args, world_size)'s result, got "
+                        f"{type(validated).__name__}")
+    v, args = validated, validated.flags
+    model = _model_config(v, padded_vocab_size)
+    if v.checkpoint_model is not None:
+        shape, _ = model_differences(v.checkpoint_model, dataclasses.asdict(model))
         if shape:
-            raise ValueError(f"--use-checkpoint-args: {args.checkpoint_dir} was saved with "
+            raise ValueError(f"--use-checkpoint-args: {v.checkpoint_dir} was saved with "
                              f"other model flags: {', '.join(shape)}; leave these flags out "
                              "to take the checkpoint's values")
     return RunConfig(model=model, optimizer=_optimizer_config(args),
-                     training=_training_config(args), data=build_data_config(args),
+                     training=_training_config(v), data=build_data_config(args),
                      logging=_logging_config(args), checkpoint=_checkpoint_config(args))
 
 
@@ -136,16 +163,17 @@ def checkpoint_flag_values(saved: Dict[str, Any]) -> Dict[str, Any]:
     return values
 
 
-def apply_checkpoint_args(args: argparse.Namespace) -> None:
+def apply_checkpoint_args(args: argparse.Namespace
+                          ) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """--use-checkpoint-args: fill the model flags not given on the command line from the
-    checkpoint --load names (see the module docstring); a no-op without the flag.
+    checkpoint --load names (see the module docstring) into `args` (validate_args' copy); a
+    no-op without the flag.
 
-    Records the saved config as `args.checkpoint_model` (and its directory as
-    `args.checkpoint_dir`) for build_configs' comparison. ValueError: no --load, no checkpoint
-    there, no saved model flags in it.
+    Returns (the saved model config, its tag directory) for build_configs' comparison, or
+    (None, None). ValueError: no --load, no checkpoint there, no saved model flags in it.
     """
     if not getattr(args, "use_checkpoint_args", False):
-        return
+        return None, None
     if args.load is None:
         raise ValueError("--use-checkpoint-args needs --load (the checkpoint whose model flags "
                          "it takes)")
@@ -159,7 +187,7 @@ def apply_checkpoint_args(args: argparse.Namespace) -> None:
     for dest, value in values.items():
         if dest not in explicit:
             setattr(args, dest, value)
-    args.checkpoint_model, args.checkpoint_dir = saved, tag_dir
+    return saved, tag_dir
 
 
 def gelu_form(bias_gelu_fusion: bool, openai_gelu: bool, onnx_safe: bool) -> str:
@@ -182,10 +210,11 @@ def gelu_form(bias_gelu_fusion: bool, openai_gelu: bool, onnx_safe: bool) -> str
     return "gelu_tanh" if bias_gelu_fusion else "gelu"
 
 
-def _model_config(args: argparse.Namespace, padded_vocab_size: int) -> GPTConfig:
+def _model_config(v: ValidatedArgs, padded_vocab_size: int) -> GPTConfig:
+    args = v.flags
     ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     moe = MoEConfig(
-        router=args.router, ffn_hidden_size=args.moe_ffn_hidden_size or ffn_hidden_size,
+        router=v.router, ffn_hidden_size=args.moe_ffn_hidden_size or ffn_hidden_size,
         topk=args.topk,
         threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
         threshold_max_experts=args.threshold_max_experts,
@@ -221,16 +250,17 @@ def _optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         lr_decay_tokens=args.lr_decay_tokens, create_moe_param_group=args.create_moe_param_group)
 
 
-def _training_config(args: argparse.Namespace) -> TrainingConfig:
+def _training_config(v: ValidatedArgs) -> TrainingConfig:
+    args = v.flags
     return TrainingConfig(
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         seq_length=args.seq_length, train_iters=args.train_iters, train_tokens=args.train_tokens,
         seed=args.seed, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         test_iters=args.test_iters, eval_only=args.eval_only, exit_interval=args.exit_interval,
         exit_duration_in_mins=args.exit_duration_in_mins, fp16=args.fp16, bf16=args.bf16,
-        zero_stage=args.zero_stage, checkpoint_activations=args.checkpoint_activations,
-        compile=args.compile, distributed_backend=args.distributed_backend,
-        data_parallel_size=args.data_parallel_size, deepspeed=args.deepspeed,
+        zero_stage=v.zero_stage, checkpoint_activations=args.checkpoint_activations,
+        compile=args.compile, distributed_backend=v.distributed_backend,
+        data_parallel_size=v.data_parallel_size, deepspeed=args.deepspeed,
         deepspeed_config=args.deepspeed_config,
         deepspeed_activation_checkpointing=args.deepspeed_activation_checkpointing,
         loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,

@@ -33,8 +33,8 @@ def base_argv(tmp_path: Path) -> list[str]:
 
 def activation(argv: list[str]) -> str:
     args = parse_args(argv)
-    validate_args(args, 1)
-    return build_configs(args, 128).model.activation
+    validated = validate_args(args, 1)
+    return build_configs(validated, 128).model.activation
 
 
 # Megatron-DeepSpeed's ParallelMLP (the fork's too): openai_gelu, else onnx_safe (erf_gelu),

@@ -84,8 +84,8 @@ def small_argv(files: dict, extra: str = "") -> list[str]:
 
 def configs(argv: list[str], world_size: int = 1) -> RunConfig:
     args = parse_args(argv)
-    validate_args(args, world_size)
-    return build_configs(args, PADDED_VOCAB)
+    validated = validate_args(args, world_size)
+    return build_configs(validated, PADDED_VOCAB)
 
 
 def rejects(argv: list[str], *fragments: str, world_size: int = 1) -> str:
@@ -233,13 +233,20 @@ def test_bf16_and_eval_only(files):
     assert run.model.params_dtype == "bf16" and run.training.bf16
     args = parse_args([a for a in small_argv(files) if a not in ("--train-iters", "10")]
                       + ["--eval-only"])
-    validate_args(args, 1)
-    assert build_configs(args, PADDED_VOCAB).training.eval_only
+    validated = validate_args(args, 1)
+    assert build_configs(validated, PADDED_VOCAB).training.eval_only
 
 
-def test_build_configs_needs_validate_args(files):
-    with pytest.raises(ValueError, match="validate_args"):
-        build_configs(parse_args(small_argv(files)), PADDED_VOCAB)
+def test_build_configs_needs_validate_args_and_leaves_the_namespace_as_parsed(files):
+    args = parse_args(small_argv(files))
+    with pytest.raises(TypeError, match="validate_args"):
+        build_configs(args, PADDED_VOCAB)
+    before = vars(args).copy()
+    validated = validate_args(args, 2)
+    assert vars(args) == before                  # nothing derived is written back
+    assert args.global_batch_size is None and validated.flags.global_batch_size == 2 * 2
+    assert (validated.world_size, validated.data_parallel_size) == (2, 2)
+    assert validated.router == "switch" and validated.zero_stage == 0   # --topk 1, no JSON
 
 
 def test_local_rank_spellings(files):
@@ -360,8 +367,8 @@ def test_nccl_needs_cuda(files, monkeypatch):
     rejects(small_argv(files, "--distributed-backend nccl"), "--distributed-backend nccl")
     args = parse_args([a for a in small_argv(files) if a not in ("--distributed-backend",
                                                                   "gloo")])
-    validate_args(args, 1)
-    assert build_configs(args, PADDED_VOCAB).training.distributed_backend == "gloo"
+    validated = validate_args(args, 1)
+    assert build_configs(validated, PADDED_VOCAB).training.distributed_backend == "gloo"
 
 
 # ----------------------------------------------------------------------------------------------

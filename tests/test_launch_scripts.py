@@ -88,8 +88,8 @@ def split_command(stdout: str) -> tuple[list[str], list[str]]:
 
 def build(gpt_argv: list[str], world_size: int) -> RunConfig:
     args = parse_args(gpt_argv)
-    validate_args(args, world_size)
-    return build_configs(args, PADDED_VOCAB)
+    validated = validate_args(args, world_size)
+    return build_configs(validated, PADDED_VOCAB)
 
 
 def deepspeed_json(gpt_argv: list[str]) -> dict:

@@ -131,8 +131,8 @@ def test_without_the_flag_the_command_line_decides(files, saved):
     rejects(argv, "--num-layers is required")
     args = parse_args(small_argv(files, "--threshold 0.3 --use-threshold --num-experts 4 "
                                         f"--load {ckpt}"))
-    validate_args(args, 1)
-    assert build_configs(args, PADDED_VOCAB).model.moe.threshold == 0.3
+    validated = validate_args(args, 1)
+    assert build_configs(validated, PADDED_VOCAB).model.moe.threshold == 0.3
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ def check(world_size: int, argv: list[str]) -> list[str]:
     args = _parse(argv)
     # Resolving the default backend (nccl with CUDA) imports torch; the nodes resolve it.
     args.distributed_backend = "gloo"
-    validate_args(args, world_size)
-    data = build_data_config(args)
+    validated = validate_args(args, world_size)
+    data = build_data_config(validated.flags)
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file,
                                 make_vocab_size_divisible_by=data.make_vocab_size_divisible_by)
-    run = build_configs(args, tokenizer.padded_vocab_size)
+    run = build_configs(validated, tokenizer.padded_vocab_size)
     return _report(run, tokenizer.vocab_size)
 
 

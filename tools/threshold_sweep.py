@@ -108,11 +108,11 @@ def build_run(args: argparse.Namespace):
     if args.eval_iters < 1:
         raise ValueError(f"--eval-iters must be >= 1, got {args.eval_iters}")
     run_args = arguments.parse_args(pretrain_argv(args))
-    arguments.validate_args(run_args, 1)
-    data = arguments.build_data_config(run_args)
+    validated = arguments.validate_args(run_args, 1)
+    data = arguments.build_data_config(validated.flags)
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file,
                                 make_vocab_size_divisible_by=data.make_vocab_size_divisible_by)
-    return arguments.build_configs(run_args, tokenizer.padded_vocab_size), tokenizer
+    return arguments.build_configs(validated, tokenizer.padded_vocab_size), tokenizer
 
 
 def thresholds_for(args: argparse.Namespace, run) -> List[Optional[float]]:

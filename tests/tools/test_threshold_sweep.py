@@ -50,9 +50,9 @@ def fake_checkpoint(root: Path, data: dict, router_flags: list[str], iteration: 
     routers sharpened (x20) so that tokens differ in how many experts they want."""
     flags = [f for f in model_flags(data) if f not in ("--use-threshold", "--threshold", "0.5")]
     args = parse_args(flags + router_flags + ["--train-iters", "1"])
-    validate_args(args, 1)
+    validated = validate_args(args, 1)
     tokenizer = build_tokenizer("GPT2BPETokenizer", data["vocab"], data["merges"])
-    config = build_configs(args, tokenizer.padded_vocab_size).model
+    config = build_configs(validated, tokenizer.padded_vocab_size).model
     torch.manual_seed(3)
     model = GPTModel(config)
     with torch.no_grad():
@@ -91,9 +91,9 @@ def reference_rows(ckpt: str, data: dict, thresholds: list[float]) -> list:
     args = parse_args(["--use-checkpoint-args", "--load", ckpt, "--eval-only",
                        "--micro-batch-size", "4", "--eval-iters", "2", "--num-workers", "0",
                        *data_flags(data)])
-    validate_args(args, 1)
+    validated = validate_args(args, 1)
     tokenizer = build_tokenizer("GPT2BPETokenizer", data["vocab"], data["merges"])
-    run = build_configs(args, tokenizer.padded_vocab_size)
+    run = build_configs(validated, tokenizer.padded_vocab_size)
     valid = build_datasets(run, sample_counts(run.training, 0), tokenizer.vocab_size)[1]
     it = data_iterator(valid, 0, run.training, 0)
     micro_batches = [next(it) for _ in range(2)]
