@@ -34,7 +34,7 @@ def profile_steps(trainer, steps: int, device: torch.device, print_table: bool, 
                   compiled: bool) -> Tuple[float, Optional[float], float]:
     """(kernel ms per step, MoE-layer kernel ms per step or None when compiled, all-to-all ms
     per step) over `steps` profiled train steps (CPU time on CPU)."""
-    layers = trainer.model.transformer.layers
+    layers = trainer.built.model.transformer.layers
     moe_layers = [] if compiled else [l.mlp for l in layers if l.is_moe]
     ranges, hooks = {}, []
     for layer in moe_layers:

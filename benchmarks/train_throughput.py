@@ -9,7 +9,7 @@
 
 Every config goes through the step users run: the Megatron command line of
 examples_deepspeed/MoE/ds_pretrain_gpt_*.sh (megatron.arguments parse_args / validate_args /
-build_configs), megatron.training.setup_model_and_optimizer (GPTModel, our AdamW, fused on CUDA,
+build_configs), megatron.engine.setup_model_and_optimizer (GPTModel, our AdamW, fused on CUDA,
 DeepSpeed's engine, bf16, ZeRO 0) and Trainer.train_step (forward, engine.backward, engine.step,
 LR schedule, MoE statistics). Data are SYNTHETIC: uniform random token ids in [0, 50257), a few
 batches made once on the device and cycled (no DataLoader). validate_args insists that
@@ -199,8 +199,10 @@ def build_run(argv: List[str], vocab: int):
     import torch.distributed as dist
 
     args = megatron_parse_args(argv)
-    validate_args(args, world_size=dist.get_world_size() if dist.is_initialized() else 1)
-    return build_configs(args, vocab_size_with_padding(vocab, args.make_vocab_size_divisible_by))
+    validated = validate_args(args, world_size=dist.get_world_size() if dist.is_initialized()
+                              else 1)
+    return build_configs(validated,
+                         vocab_size_with_padding(vocab, args.make_vocab_size_divisible_by))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def sharpen_routers(engine, model, batch: dict, device, target: float) -> List[f
     """
     import torch
 
-    from megatron.evaluation import get_batch
+    from megatron.lm_forward import get_batch
     from megatron.model.mlp_gating import threshold_route
 
     input_ids, _ = get_batch(batch, device)
@@ -327,18 +329,19 @@ def build_trainer(name: str, bench: argparse.Namespace, data_flags: List[str], d
     total = bench.warmup + bench.repeats * bench.iters + bench.profile_steps
     run = build_run(megatron_argv(name, bench, data_flags, total), vocab)
     set_random_seed(run.training.seed)
-    engine, model, scheduler = setup_model_and_optimizer(run, device, total)
+    built = setup_model_and_optimizer(run, device, total)
     batches = synthetic_batches(run.training, vocab, device)
     scales = []
     if bench.target_experts > 0:
-        scales = sharpen_routers(engine, model, batches[0], device, bench.target_experts)
+        scales = sharpen_routers(built.engine, built.model, batches[0], device,
+                                 bench.target_experts)
     if bench.compile:
-        # What --compile does (megatron.training.compile_model), after sharpening: run in the
+        # What --compile does (megatron.engine.compile_model), after sharpening: run in the
         # compiled model, the sharpening's hooks and eval passes would force recompiles.
-        compile_model(model, "inductor")
-    trainer = Trainer(run, engine, model, scheduler, device, total, (None, None, None))
+        compile_model(built.model, "inductor")
+    trainer = Trainer(run, built, device, total, (None, None, None))
     trainer.train_iter = cycle(batches)
-    engine.train()
+    built.engine.train()
     return trainer, scales
 
 
@@ -375,7 +378,7 @@ def run_config(name: str, bench: argparse.Namespace, data_flags: List[str], devi
         tflops=flops / per_step / 1e12, mfu=flops / per_step / (PEAK_TFLOPS * 1e12),
         peak_gib=peak, used_per_token=used, wanted_per_token=wanted, dropped=dropped,
         kernel_ms=kernel_ms, moe_ms=moe_ms, lm_loss=float(reports[-1].lm_loss),
-        params=trainer.model.num_parameters(), scales=scales, on_gpu=device.type == "cuda",
+        params=trainer.built.model.num_parameters(), scales=scales, on_gpu=device.type == "cuda",
         world=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         all_to_all_ms=a2a_ms)
     del trainer, reports

@@ -1,4 +1,4 @@
-"""The language-model forward shared by training and evaluation, and the evaluation pass.
+"""The evaluation pass (its micro-batch forward, shared with training: megatron/lm_forward.py).
 
 `evaluate` returns the mean lm loss and, per MoE layer, what routing did over the evaluated
 tokens (`EvalResult`): experts per token the router wanted and used (after capacity), the
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.model import GPTOutput
+from megatron.lm_forward import forward_lm
 from megatron.training_log import MOE_FIELDS, moe_stats_tensors
 
 _WANTED, _USED, _FLOPS_VS_DENSE = (MOE_FIELDS.index(name) for name in (
@@ -69,25 +69,6 @@ class EvalResult:
             return None
         return {name: float(np.mean([getattr(layer, name) for layer in self.moe_layers]))
                 for name in MEAN_FIELDS}
-
-
-def get_batch(batch: Dict[str, torch.Tensor], device: torch.device
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """{"text": int64 [b, s+1]} -> (input ids [b, s], labels [b, s]) on `device`.
-
-    Every label counts (loss mask of ones): no EOD masking and no attention reset at document
-    boundaries, Megatron's defaults (--eod-mask-loss, --reset-* are off).
-    """
-    tokens = batch["text"].to(device, non_blocking=True)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-
-def forward_lm(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: torch.device
-               ) -> Tuple[torch.Tensor, GPTOutput]:
-    """(mean lm loss over the micro-batch's tokens, fp32 scalar; the model's GPTOutput)."""
-    input_ids, labels = get_batch(batch, device)
-    out = model(input_ids, labels=labels)
-    return out.loss.mean(), out
 
 
 def evaluate(model: torch.nn.Module, data_iterator: Iterator, num_iters: int,

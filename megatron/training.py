@@ -17,8 +17,10 @@ plus the MoE aux loss) and `engine.backward`, `engine.step` on each (DeepSpeed s
 optimizer at the accumulation boundary); then the LR scheduler advances unless the step was
 skipped (fp16 overflow).
 
-Building the model, optimizer and DeepSpeed engine (precision, expert parallelism, compile):
-megatron/engine.py.
+Building the model, optimizer and DeepSpeed engine (precision, expert parallelism, compile)
+and deciding the policies the loop follows (expert-parallel groups, who clips):
+megatron/engine.py, whose BuiltRun the Trainer takes. The forward of one micro-batch:
+megatron/lm_forward.py.
 """
 
 from __future__ import annotations
@@ -37,13 +39,12 @@ from megatron.checkpointing import load_checkpoint, prepare_save_dir, save_check
 from megatron.config import TrainingConfig
 from megatron.data.data_samplers import build_pretraining_data_loader
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
-from megatron.evaluation import evaluate, forward_lm
-from megatron.engine import expert_parallel_groups, own_clipping, setup_model_and_optimizer
-from megatron.expert_groups import ExpertParallelGroups, clip_gradients_, global_grad_norm
+from megatron.engine import BuiltRun, setup_model_and_optimizer
+from megatron.evaluation import evaluate
+from megatron.expert_groups import clip_gradients_, global_grad_norm
 from megatron.initialize import (barrier, initialize_distributed, is_rank_0, print_rank_0,
                                  set_random_seed)
-from megatron.learning_rates import LRScheduler
-from megatron.model import GPTModel
+from megatron.lm_forward import forward_lm
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, TensorBoardWriter,
                                    eval_block, eval_moe_lines, iteration_line, moe_lines,
                                    moe_stats_tensors)
@@ -120,43 +121,37 @@ class Trainer:
     """The built pieces of a run and the loop over them (see the module docstring)."""
 
     run: RunConfig
-    engine: Any                                 # deepspeed.DeepSpeedEngine
-    model: GPTModel                             # engine.module
-    scheduler: Optional[LRScheduler]           # None with --eval-only
+    built: BuiltRun             # engine, model, scheduler, expert-parallel groups, who clips
     device: torch.device
     total_iters: int
     datasets: tuple
     iteration: int = 0
     consumed_samples: int = 0
     start_time: float = dataclasses.field(default_factory=time.time)
-    expert_parallel: Optional[ExpertParallelGroups] = None
 
     def __post_init__(self) -> None:
-        if self.expert_parallel is None and self.run.model.moe.expert_parallel_size > 1:
-            self.expert_parallel = expert_parallel_groups(self.run)   # the existing groups
-        moe = [layer for layer in self.model.transformer.layers if layer.is_moe]
+        moe = [layer for layer in self.built.model.transformer.layers if layer.is_moe]
         self.stats = IntervalStats([m.layer_number for m in moe], [m.num_experts for m in moe])
         t = self.run.training
-        self.flops = FlopsModel.of_model(self.model, t.seq_length, t.checkpoint_activations)
+        self.flops = FlopsModel.of_model(self.built.model, t.seq_length,
+                                         t.checkpoint_activations)
         self.tensorboard = TensorBoardWriter(
             self.run.logging.tensorboard_dir if is_rank_0() else None,
             self.run.logging.tensorboard_log_interval)
-        # fp32 / our bf16 at ZeRO 0: we compute the norm and clip (engine.own_clipping).
-        self.own_clip = own_clipping(self.run)
         self.train_iter = self.valid_iter = None
 
     # ------------------------------------------------------------------------------------------
     # one iteration
 
     def train_step(self) -> StepReport:
-        t, engine = self.run.training, self.engine
-        lr = self.scheduler.get_lr()
+        t, built, engine = self.run.training, self.built, self.built.engine
+        lr = built.scheduler.get_lr()
         lm_sum = aux_sum = fields_sum = loads_sum = own_norm = None
         for _ in range(t.gradient_accumulation_steps):
             lm_loss, out = forward_lm(engine, next(self.train_iter), self.device)
             engine.backward(lm_loss + out.moe_aux_loss)
-            if self.own_clip and engine.is_gradient_accumulation_boundary():
-                own_norm = global_grad_norm(engine.module, self.expert_parallel)
+            if built.own_clipping and engine.is_gradient_accumulation_boundary():
+                own_norm = global_grad_norm(engine.module, built.expert_parallel)
                 if self.run.optimizer.clip_grad > 0:
                     clip_gradients_(engine.module, self.run.optimizer.clip_grad, own_norm)
             engine.step()
@@ -167,7 +162,7 @@ class Trainer:
                 fields_sum, loads_sum = _add(fields_sum, fields), _add(loads_sum, loads)
         applied = engine.was_step_applied()
         if applied:
-            self.scheduler.step(1, tokens=t.tokens_per_step)
+            built.scheduler.step(1, tokens=t.tokens_per_step)
         grad_norm = engine.get_global_grad_norm()
         n = t.gradient_accumulation_steps
         return StepReport(
@@ -183,7 +178,7 @@ class Trainer:
     def train(self) -> bool:
         """Train to total_iters; True when --exit-interval / --exit-duration-in-mins stopped it."""
         t, ckpt = self.run.training, self.run.checkpoint
-        self.engine.train()
+        self.built.engine.train()
         self._interval_start, self._excluded = time.time(), 0.0
         while self.iteration < self.total_iters:
             self.stats.add(self.train_step())
@@ -253,7 +248,7 @@ class Trainer:
     def _evaluate(self, what: str, iterator: Optional[Iterator], num_iters: int) -> None:
         if iterator is None or num_iters <= 0:
             return
-        result = evaluate(self.engine, iterator, num_iters,
+        result = evaluate(self.built.engine, iterator, num_iters,
                           self.run.training.gradient_accumulation_steps, self.device)
         print_rank_0(eval_block(what, self.iteration, result.lm_loss))
         if self.run.logging.log_moe_stats and result.moe_layers:
@@ -272,23 +267,23 @@ class Trainer:
         self._evaluate("test", it, test_iters)
 
     def save(self) -> None:
-        c = self.run.checkpoint
-        save_checkpoint(self.engine, self.iteration, self.consumed_samples, self.scheduler,
+        c, built = self.run.checkpoint, self.built
+        save_checkpoint(built.engine, self.iteration, self.consumed_samples, built.scheduler,
                         dataclasses.asdict(self.run), c.save, save_rng=not c.no_save_rng,
-                        expert_parallel=self.expert_parallel)
+                        expert_parallel=built.expert_parallel)
         print_rank_0(f"saved checkpoint at iteration {self.iteration:7d} to {c.save}")
 
     def load(self) -> None:
         """--load (refused before anything is read if the checkpoint is incomplete or was saved
         with other model flags), then the check that --save holds no checkpoint this run did
         not load and could overwrite (megatron/checkpoint_check.py)."""
-        c = self.run.checkpoint
+        c, built = self.run.checkpoint, self.built
         loaded = None
         if c.load is not None:
-            loaded = load_checkpoint(self.engine, self.scheduler, c.load,
+            loaded = load_checkpoint(built.engine, built.scheduler, c.load,
                                      load_optimizer=not c.no_load_optim,
                                      load_rng=not c.no_load_rng, finetune=c.finetune,
-                                     expert_parallel=self.expert_parallel,
+                                     expert_parallel=built.expert_parallel,
                                      model_args=dataclasses.asdict(self.run.model))
             if loaded is None:
                 print_rank_0(f"no checkpoint found in {c.load}: training from scratch")
@@ -329,12 +324,11 @@ def pretrain(run: RunConfig, vocab_size: Optional[int] = None) -> None:
     _, device = initialize_distributed(t.distributed_backend, t.local_rank)
     set_random_seed(t.seed)
     total_iters = 0 if t.eval_only else total_train_iters(t)
-    ep = expert_parallel_groups(run)
-    engine, model, scheduler = setup_model_and_optimizer(run, device, total_iters, ep)
+    built = setup_model_and_optimizer(run, device, total_iters)
+    model, ep = built.model, built.expert_parallel
     counts = sample_counts(t, total_iters)
     datasets = build_datasets(run, counts, vocab_size)
-    trainer = Trainer(run, engine, model, scheduler, device, total_iters, datasets,
-                      start_time=start_time, expert_parallel=ep)
+    trainer = Trainer(run, built, device, total_iters, datasets, start_time=start_time)
     print_rank_0(f"number of parameters: {model.num_parameters():,} "
                  f"(experts {model.parameter_counts()['expert']:,}); training for "
                  f"{total_iters} iterations of {t.global_batch_size} samples")

@@ -24,6 +24,16 @@ def single_threaded_children():
     mp.undo()
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (pyproject's addopts run one worker per core) each worker is a
+    process of its own: one torch thread each, or the workers' OpenMP threads busy-wait against
+    each other on the shared cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` are skipped on a machine without CUDA."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]

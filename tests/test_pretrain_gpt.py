@@ -356,11 +356,11 @@ def test_fp16_without_zero_is_rejected_before_building(tiny_data):
     """DeepSpeed 0.19.8 never scales the loss for fp16 at ZeRO stage 0 while its optimizer
     unscales the gradients: training stalls (seen on an H200), so the run refuses it."""
     from megatron.arguments import build_configs, validate_args
-    from megatron.training import setup_model_and_optimizer
+    from megatron.engine import setup_model_and_optimizer
 
     args = pretrain_gpt.parse_args(model_flags(tiny_data) + ["--train-iters", "2", "--fp16"])
-    validate_args(args, 1)
-    run = build_configs(args, 384)
+    validated = validate_args(args, 1)
+    run = build_configs(validated, 384)
     with pytest.raises(ValueError, match=r"--fp16 with ZeRO stage 0 .*DeepSpeed#8393"):
         setup_model_and_optimizer(run, torch.device("cpu"), 2)
 

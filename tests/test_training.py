@@ -1,6 +1,7 @@
 """Pieces of the training loop in process: run length and sample counts, FLOPs, interval
 statistics, Megatron's log lines, batches, evaluation, the error line, the launcher environment,
-and what DeepSpeed's bf16 engine does to the fp32 router weight (CPU, gloo, one rank)."""
+what DeepSpeed's bf16 engine does to the fp32 router weight, and the engine set-up's policies and
+workarounds (CPU, gloo, one rank)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.config import GPTConfig, MoEConfig, OptimizerConfig, TrainingConfig
-from megatron.evaluation import evaluate, get_batch
+from megatron.arguments import RunConfig
+from megatron.config import (CheckpointConfig, DataConfig, GPTConfig, LoggingConfig, MoEConfig,
+                             OptimizerConfig, TrainingConfig)
+from megatron.engine import setup_model_and_optimizer
+from megatron.evaluation import evaluate
 from megatron.initialize import distributed_env
+from megatron.learning_rates import LRScheduler
+from megatron.lm_forward import get_batch
+from megatron.mixed_precision import MasterWeightAdamW
 from megatron.model import GPTModel
 from megatron.model.moe.expert_parallel import shard_experts
 from megatron.optimizer import build_optimizer
-from megatron.training import sample_counts, total_train_iters
+from megatron.training import Trainer, sample_counts, total_train_iters
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, eval_block,
                                    iteration_line, moe_lines, moe_stats_tensors)
 from pretrain_gpt import error_message
@@ -292,3 +299,71 @@ def test_bf16_engine_casts_the_router_weight_but_routing_stays_fp32(deepspeed_on
     engine.step()
     assert gate.dtype == torch.bfloat16 and not torch.equal(gate.detach().float(), before)
     assert math.isfinite(engine.get_global_grad_norm())
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine set-up: what the Trainer is handed, and the DeepSpeed workarounds
+
+
+def tiny_run(**training) -> RunConfig:
+    """The tiny MoE model on one rank: micro-batch 2 = global batch 2 of 8 tokens."""
+    base = dict(micro_batch_size=2, global_batch_size=2, seq_length=8, train_iters=2,
+                train_tokens=None, data_parallel_size=1)
+    base.update(training)
+    t = TrainingConfig(**base)
+    return RunConfig(model=tiny_moe_config(params_dtype=t.params_dtype),
+                     optimizer=OptimizerConfig(lr=1e-3, clip_grad=0.5), training=t,
+                     data=DataConfig(data_path=("unused",)), logging=LoggingConfig(),
+                     checkpoint=CheckpointConfig())
+
+
+@pytest.mark.parametrize("precision, zero, own_clipping", [
+    ("fp32", 0, True), ("bf16", 0, True), ("fp32", 1, False), ("bf16", 1, False)])
+def test_engine_setup_carries_the_policies_and_applies_the_workarounds(
+        deepspeed_one_rank, precision, zero, own_clipping):
+    """We clip at ZeRO 0 without fp16 (DeepSpeed's clipping then off), DeepSpeed clips at ZeRO
+    1/2; one rank: no expert-parallel groups, and no backward all-reduce at ZeRO 0; bf16 at
+    ZeRO 0 runs on our master-weight AdamW with DeepSpeed's bf16 off and the router fp32."""
+    run = tiny_run(bf16=precision == "bf16", zero_stage=zero)
+    torch.manual_seed(0)
+    built = setup_model_and_optimizer(run, torch.device("cpu"), train_iters=2)
+    engine = built.engine
+    assert built.own_clipping is own_clipping
+    assert built.expert_parallel is None
+    assert built.model is engine.module
+    assert isinstance(built.scheduler, LRScheduler)
+    assert engine.gradient_clipping() == (0.0 if own_clipping else 0.5)
+    assert engine.enable_backward_allreduce is (zero > 0)
+    own_bf16 = precision == "bf16" and zero == 0
+    assert isinstance(engine.optimizer, MasterWeightAdamW) is own_bf16
+    assert engine.bfloat16_enabled() is (precision == "bf16" and zero > 0)
+    gate = built.model.transformer.layers[1].mlp.gate_weight
+    embedding = next(built.model.parameters())
+    if own_bf16:
+        assert gate.dtype == torch.float32 and embedding.dtype == torch.bfloat16
+
+    # The Trainer takes the result as it is: its step clips (own_clipping) or lets DeepSpeed.
+    trainer = Trainer(run, built, torch.device("cpu"), 2, (None, None, None))
+    trainer.train_iter = iter([{"text": torch.randint(0, 40, (2, 9))}])
+    before = [p.detach().float().clone() for p in built.model.parameters()]
+    report = trainer.train_step()
+    assert math.isfinite(float(report.grad_norm)) and float(report.grad_norm) > 0
+    assert not report.skipped and built.scheduler.num_iters == 1
+    assert any(not torch.equal(p.detach().float(), b)
+               for p, b in zip(built.model.parameters(), before))
+
+
+def test_engine_setup_for_eval_only_has_no_scheduler(deepspeed_one_rank):
+    run = tiny_run(train_iters=None, eval_only=True)
+    built = setup_model_and_optimizer(run, torch.device("cpu"), train_iters=0)
+    assert built.scheduler is None and built.own_clipping and built.expert_parallel is None
+
+
+def test_engine_setup_refuses_fp16_at_zero_0_before_building(deepspeed_one_rank, monkeypatch):
+    """DeepSpeed 0.19.8 never scales the loss there while its optimizer unscales the
+    gradients; the refusal comes before the model is built."""
+    import megatron.engine
+
+    monkeypatch.setattr(megatron.engine, "GPTModel", None)     # building it would raise
+    with pytest.raises(ValueError, match=r"--fp16 with ZeRO stage 0 .*DeepSpeed#8393"):
+        setup_model_and_optimizer(tiny_run(fp16=True), torch.device("cpu"), train_iters=2)
