@@ -73,7 +73,8 @@ setup(
         # triton: the MoE row kernels' CPU tests run them under its interpreter (CUDA builds
         # of torch ship it already).
         # transformers, safetensors: tests/test_hf_export.py (tools/convert_to_hf.py).
-        "test": ["pytest>=7", "triton", "matplotlib", "transformers>=4.46", "safetensors>=0.4"],
+        # pytest-xdist: the suite's worker per core (pyproject.toml's addopts).
+        "test": ["pytest>=7", "pytest-xdist>=3", "triton", "matplotlib", "transformers>=4.46", "safetensors>=0.4"],
         "study": ["matplotlib"],  # PNGs of tools/router_study.py and tools/threshold_sweep.py
         "hf": ["transformers>=4.46", "safetensors>=0.4"],  # tools/convert_to_hf.py
         # lm_eval --model hf on exported models (~0.5 GB more: datasets, pandas, pyarrow, ...).

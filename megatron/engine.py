@@ -67,7 +67,11 @@ def own_clipping(run: RunConfig) -> bool:
 
 def compile_model(model: torch.nn.Module, backend: str) -> None:
     """torch.compile the model in place (--compile): the engine calls engine.module, whose
-    forward is then the compiled one; parameter names and checkpoints are unchanged."""
+    forward is then the compiled one; parameter names and checkpoints are unchanged. Off CUDA
+    the MoE experts step stays eager inside it (backend.prepare_for_compile)."""
+    from megatron.model.moe.backend import prepare_for_compile
+
+    prepare_for_compile()
     model.compile(backend=backend)
 
 

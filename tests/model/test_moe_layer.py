@@ -6,6 +6,8 @@ every combine weight itself, and evaluates each kept expert MLP per token.
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from megatron.model.moe import MoELayer, MoEOutput, MoEStats, compute_stats
 from megatron.model.moe.dispatch import make_plan
 from megatron.model.moe.experts import grouped_mm_available
 from megatron.model.moe.reference import use_reference_experts
+from tests.helpers import child_env
 from tests.model.gelu_reference import FORMS, ref_gelu
 
 B, S, D, E, FH, V = 2, 12, 16, 6, 8, 50
@@ -563,3 +566,23 @@ def test_backend_is_resolved_once_and_shown(monkeypatch):
 def test_routing_cuda_graphs_needs_compile_routing():
     with pytest.raises(ValueError, match="routing_cuda_graphs needs compile_routing"):
         make_layer("threshold", True, False, routing_cuda_graphs=True)
+
+
+STARTUP_PROBE = """
+import sys, torch
+from megatron.config import MoEConfig
+from megatron.model.moe import MoELayer
+import megatron.training
+layer = MoELayer(MoEConfig(router="threshold", ffn_hidden_size=8), 16, 4, 0.02, 0.02, 1)
+layer(torch.randn(6, 16)).output.sum().backward()
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_eager_moe_runs_do_not_import_dynamo():
+    """torch._dynamo costs seconds to import (every run, every test subprocess): building and
+    running an MoE layer eagerly, and importing the training loop, must not pull it in."""
+    proc = subprocess.run([sys.executable, "-c", STARTUP_PROBE], capture_output=True,
+                          text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False"], proc.stdout + proc.stderr[-2000:]

@@ -16,10 +16,10 @@ implementation of each step that has more than one. Nothing downstream re-decide
                          -> combine                           around grouped_mm
 
 "auto" is triton on CUDA when triton imports, torch elsewhere. Off CUDA the torch backend's
-experts step runs outside torch.compile graphs (torch_experts_untraced). With expert
-parallelism the experts step is dispatch -> all_to_all -> Experts -> all_to_all -> combine
-(expert_parallel.py) on either backend. The per-expert loop is no backend: it is the tests' reference
-(reference.py). The torch backend is also the Triton backend's test oracle.
+experts step runs outside torch.compile graphs (torch_experts_untraced, prepare_for_compile).
+With expert parallelism the experts step is dispatch -> all_to_all -> Experts -> all_to_all ->
+combine (expert_parallel.py) on either backend. The per-expert loop is no backend: it is the
+tests' reference (reference.py). The torch backend is also the Triton backend's test oracle.
 """
 
 from __future__ import annotations
@@ -70,13 +70,27 @@ def torch_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,
     return combine(y_PD, plan, out_dtype)
 
 
-@torch.compiler.disable
 def torch_experts_untraced(x_TD: torch.Tensor, plan: DispatchPlan, experts: Experts,
                            out_dtype: torch.dtype) -> torch.Tensor:
-    """torch_experts, run eagerly even inside a torch.compile'd model: torch traces grouped_mm
-    in bf16 only (its meta kernel), and off CUDA the experts compute in the weights' dtype
-    (fp32 on CPU). On CUDA they cast to bf16, so there the step is traced (torch_experts)."""
-    return torch_experts(x_TD, plan, experts, out_dtype)
+    """torch_experts, run eagerly even inside a torch.compile'd model once prepare_for_compile
+    ran: torch traces grouped_mm in bf16 only (its meta kernel), and off CUDA the experts
+    compute in the weights' dtype (fp32 on CPU). On CUDA they cast to bf16, so there the step
+    is traced (torch_experts)."""
+    return _eager_experts(x_TD, plan, experts, out_dtype)
+
+
+# What torch_experts_untraced calls: torch_experts until prepare_for_compile wraps it in
+# torch.compiler.disable (a graph break around the step). Not at import: the decorator imports
+# torch._dynamo, seconds of start-up for every process that builds an MoE model.
+_eager_experts: ExpertsFn = torch_experts
+
+
+def prepare_for_compile() -> None:
+    """Call before torch.compile traces MoE layers off CUDA (megatron.engine.compile_model
+    does): their experts step then runs eagerly inside the compiled model. Without it, tracing
+    fails on grouped_mm in fp32 (loudly, not silently)."""
+    global _eager_experts
+    _eager_experts = torch.compiler.disable(torch_experts)
 
 
 TORCH = Backend("torch", torch_router_logits, capacity_with_rows, torch_experts)
