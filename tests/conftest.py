@@ -35,7 +35,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` are skipped on a machine without CUDA."""
+    """Files holding `slow` tests run first (their order within a file kept): the xdist workers
+    take whole files in this order, so the long files start at once and the short ones fill
+    the gaps at the end, instead of one worker finishing a long file alone. Tests marked `gpu`
+    are skipped on a machine without CUDA."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)     # stable: False first
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -20,6 +20,7 @@ from megatron.model.moe.backend import triton_available
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs test_moe_kernels.py directly")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_kernels_under_interpreter():
