@@ -1,13 +1,15 @@
-"""End-to-end training throughput on one GPU: XMoE-small vs top-8 vs the dense GPT-125M.
+"""End-to-end training throughput on one GPU: XMoE-small vs top-8 vs the dense GPT-125M vs a
+minimal plain-PyTorch GPT-125M.
 
-    python benchmarks/train_throughput.py                  # H200: the three configs, ~2 min
-    python benchmarks/train_throughput.py --compile        # torch.compile'd, ~4 min
+    python benchmarks/train_throughput.py                  # H200: the four configs
+    python benchmarks/train_throughput.py --compile        # torch.compile'd
+    python benchmarks/train_throughput.py --breakdown      # + where each step's GPU time goes
     python benchmarks/train_throughput.py --configs xmoe,dense --profile   # + top kernels
     python benchmarks/train_throughput.py --small --device cpu --iters 1   # smoke run
     deepspeed --num_gpus 8 benchmarks/train_throughput.py --configs xmoe \
         --megatron-args='--moe-expert-parallel-size 8'      # weak scaling: micro-batch per GPU
 
-Every config goes through the step users run: the Megatron command line of
+Every config but `plain` goes through the step users run: the Megatron command line of
 examples_deepspeed/MoE/ds_pretrain_gpt_*.sh (megatron.arguments parse_args / validate_args /
 build_configs), megatron.engine.setup_model_and_optimizer (GPTModel, our AdamW, fused on CUDA,
 DeepSpeed's engine, bf16, ZeRO 0) and Trainer.train_step (forward, engine.backward, engine.step,
@@ -23,6 +25,18 @@ schedule, whose warmup keeps the LR near 0 over the benchmark's steps, as at a r
   xmoe   64 experts of 384 in every 2nd layer, threshold router 0.9, capacity factor 8
   topk8  the same experts, top-8 router (--use-topk --topk 8)
   dense  GPT-125M: --num-experts 1, FFN 3072
+  plain  the reference for the dense model: its shapes and hyperparameters (parsed from the
+         dense config's flags), learned positions, pre-LN, tied output embedding, tanh-GeLU,
+         written as a minimal plain-PyTorch GPT (benchmarks/_plain_gpt.py): torch SDPA causal
+         attention, fp32 parameters under torch.autocast(bfloat16) (the usual minimal recipe;
+         the Megatron configs keep bf16 parameters and fp32 masters), fp32 cross-entropy on
+         logits.float(), torch's fused AdamW (no weight decay on biases and norms),
+         clip_grad_norm_ (foreach), torch.compile(model) with --compile; no DeepSpeed, no
+         logging. The same synthetic batches and LR schedule (megatron.learning_rates). One
+         rank only (skipped under the launcher). Of --megatron-args it takes what the dense
+         config's shapes and hyperparameters take from them, nothing else (no
+         --checkpoint-activations, no ZeRO). Its MFU uses the dense model's FLOPs per step
+         (the same parameters).
 
 Router sharpness. At initialisation the router's probabilities are almost uniform, so a
 threshold of 0.9 wants ~50 of 64 experts per token and capacity (factor 8) cuts that to 8:
@@ -51,13 +65,43 @@ Metrics:
                       under 100% means the host (Python, DeepSpeed, host syncs) is the limit
   experts/token       used (after capacity) and wanted, mean over MoE layers and timed steps
   MoE share           share of the step's GPU kernel time spent in the MoE layers, from
-                      torch.profiler over --profile-steps steps; forward kernels under a range
-                      around each MoELayer, backward kernels of the autograd nodes created
-                      there (benchmarks/_moe_profile.py says how). Not with --compile.
+                      torch.profiler over --profile-steps steps taken after the timed loops;
+                      forward kernels under a range around each MoELayer, backward kernels of
+                      the autograd nodes created there (benchmarks/_step_profile.py says how).
+                      Not with --compile.
   all-to-all          with several ranks: time per step in the expert-parallel all-to-all,
                       from the same profile (NCCL's all-to-all / SendRecv kernels on GPU, the
                       c10d / gloo all-to-all ops on CPU, overlaps counted once), and its share
                       of the timed step. A kernel's time includes waiting for the slowest peer.
+
+--breakdown: one table after all configs ran, a column per config, in ms per step of GPU
+kernel time over the profiled steps (CPU op time on CPU; kernels on one stream do not overlap,
+so they add up):
+  by category (eager only)  embedding (word+position), attention (the attention module with
+                      its QKV and output GEMMs), dense FFN (the MLP layers), MoE layers (router
+                      to combine), other transformer ops (layer norms, residual adds, dropout),
+                      output layer + loss, gradient norm + clipping (a clipping the optimizer
+                      applies inside its step counts as optimizer step), optimizer step, DeepSpeed
+                      engine (kernels inside the engine's forward, backward and step that are
+                      neither the model's autograd nodes nor the optimizer), unattributed
+                      (e.g. the MoE statistics and the loss sum in Trainer.train_step, gradient
+                      accumulation into .grad); forward kernels by the module ranges, backward
+                      kernels by the autograd node that launched them (the module whose forward
+                      created it)
+  by phase            forward, backward (autograd nodes), grad norm/clip, optimizer, engine
+                      (DeepSpeed's own work), outside phases: ranges around the callables
+                      Trainer.train_step (PlainTrainer.train_step) calls, wrapped for the
+                      profiled steps only
+  then                the kernel total, the step's wall time (the timed loops) and the host gap
+                      (wall - kernel time: the GPU idles waiting for the host)
+Under --compile only the phase rows: module hooks would force recompiles and the fused kernels
+cross module boundaries.
+
+Summary lines, the issue's goals as same-run ratios: xmoe / dense tokens/s (>= 1.0, stretch
+1.1, for --compile runs; >= 0.9 for eager runs: the line of the run's mode), xmoe tokens/s
+>= 450k and dense / plain tokens/s >= 0.95 (--compile goals: eager runs print the figures
+without a verdict), and xmoe's peak memory beside the issue's compiled reference (information
+only: a figure from another run).
 """
 
 from __future__ import annotations
@@ -74,15 +118,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _step_profile import (ATTENTION, CATEGORIES, DENSE_FFN, EMBEDDING, ENGINE,  # noqa: E402
+                           OTHER, OUTPUT, PHASES, StepProfile, profile_steps)
+from _step_profile import MOE as MOE_LAYERS  # noqa: E402  (MOE: the MoE flags below)
+
 PEAK_TFLOPS = 790.0              # H200 bf16 dense matmul, measured on the device (see docs)
 VOCAB = 50257                    # GPT-2's vocabulary; Megatron pads it to 50304
-TARGET_TOKENS_PER_S = 450_000
-TARGET_VS_DENSE = 0.95
+# The goals of the end-to-end speed issue (same-run ratios; H200, bf16, micro-batch 16 x 1024).
+TARGET_VS_DENSE, STRETCH_VS_DENSE = 1.0, 1.1    # xmoe / dense tokens/s, --compile
+TARGET_VS_DENSE_EAGER = 0.9                     # xmoe / dense tokens/s, eager
+TARGET_TOKENS_PER_S = 450_000                   # xmoe, --compile
+TARGET_DENSE_VS_PLAIN = 0.95                    # dense / plain tokens/s, --compile
+REFERENCE_PEAK_GIB = 14.5                       # xmoe --compile in the issue's run: information
 
 MODEL = ["--num-layers", "12", "--hidden-size", "768", "--ffn-hidden-size", "3072",
          "--num-attention-heads", "12", "--seq-length", "1024",
@@ -108,6 +160,7 @@ CONFIGS = {
     "topk8": ["--num-experts", "64", "--moe-ffn-hidden-size", "384", *MOE,
               "--use-topk", "--topk", "8"],
     "dense": ["--num-experts", "1"],
+    "plain": ["--num-experts", "1"],    # the dense config's flags, run by benchmarks/_plain_gpt.py
 }
 SMALL_EXPERTS = {"--num-experts": "16", "--moe-ffn-hidden-size": "32"}
 
@@ -117,7 +170,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default cuda when available; cpu hides the GPUs")
     p.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke run")
-    p.add_argument("--configs", default="xmoe,topk8,dense",
+    p.add_argument("--configs", default="xmoe,topk8,dense,plain",
                    help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default 8; 1 with --small)")
@@ -138,6 +191,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="steps profiled for the MoE share (default 3; 1 with --small; 0: skip)")
     p.add_argument("--profile", action="store_true",
                    help="also print the top CUDA kernels of the profiled steps")
+    p.add_argument("--breakdown", action="store_true",
+                   help="print where each config's step goes (a table, a column per config): "
+                        "GPU kernel ms per step by category (eager) and phase, wall, host gap")
     p.add_argument("--megatron-args", default="",
                    help="extra Megatron flags for every config; write it with '=', e.g. "
                         "--megatron-args='--checkpoint-activations --zero-stage 1'")
@@ -150,6 +206,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for flag, full, small in (("warmup", 8, 1), ("repeats", 3, 1), ("profile_steps", 3, 1)):
         if getattr(args, flag) is None:
             setattr(args, flag, small if args.small else full)
+    if args.breakdown and args.profile_steps == 0:
+        p.error("--breakdown needs profiled steps (--profile-steps > 0)")
     if args.compile:
         args.sync_free = True
     return args
@@ -179,7 +237,7 @@ def placeholder_data(directory: str) -> List[str]:
 def megatron_argv(name: str, bench: argparse.Namespace, data_flags: List[str],
                   train_iters: int) -> List[str]:
     config = list(CONFIGS[name])
-    if bench.small and name != "dense":
+    if bench.small and config != CONFIGS["dense"]:
         for i, flag in enumerate(config[:-1]):
             config[i + 1] = SMALL_EXPERTS.get(flag, config[i + 1])
     argv = (SMALL_MODEL if bench.small else MODEL) + TRAINING + config + data_flags
@@ -278,6 +336,22 @@ def sharpen_routers(engine, model, batch: dict, device, target: float) -> List[f
 
 
 @dataclasses.dataclass
+class Subject:
+    """One config ready to time: its step, and what the report and the profile need."""
+
+    step: Callable[[], Any]                     # one training step; returns its report
+    modules: Optional[List[Tuple[Any, str]]]    # (module, category) ranges; None: compiled
+    phases: List[Tuple[object, str, str]]       # (owner, attribute, phase) to wrap
+    flops: Any                                  # megatron.training_log.FlopsModel
+    global_batch_size: int
+    seq_length: int
+    params: int
+    scales: List[float]
+    lm_loss: Callable[[Any], float]             # of a step's report
+    moe_fields: Callable[[Any], Any]            # of a step's report: [L, 6] tensor or None
+
+
+@dataclasses.dataclass
 class Result:
     name: str
     ms_per_step: float
@@ -288,14 +362,20 @@ class Result:
     used_per_token: Optional[float]
     wanted_per_token: Optional[float]
     dropped: Optional[float]
-    kernel_ms: Optional[float]          # GPU kernel time per step (profiled)
-    moe_ms: Optional[float]             # of which in MoE layers (eager only)
+    profile: Optional[StepProfile]      # kernel time per step by category / phase (profiled)
     lm_loss: float
     params: int
     scales: List[float]
     on_gpu: bool
     world: int = 1                      # ranks; the global batch is micro-batch x world
-    all_to_all_ms: Optional[float] = None   # all-to-all kernel (CPU: op) time per step
+
+    @property
+    def kernel_ms(self) -> Optional[float]:
+        return None if self.profile is None else self.profile.kernel_ms
+
+    @property
+    def moe_ms(self) -> Optional[float]:
+        return None if self.profile is None else self.profile.moe_ms
 
 
 def synchronize(device) -> None:
@@ -305,17 +385,21 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(trainer, iters: int, device) -> tuple:
+def timed_steps(step: Callable[[], Any], iters: int, device) -> tuple:
     """(seconds, reports) of `iters` train steps; synchronised only before and after."""
     synchronize(device)
     start = time.perf_counter()
-    reports = [trainer.train_step() for _ in range(iters)]
+    reports = [step() for _ in range(iters)]
     synchronize(device)
     return time.perf_counter() - start, reports
 
 
 # ----------------------------------------------------------------------------------------------
-# one config
+# the configs' steps
+
+
+def total_steps(bench: argparse.Namespace) -> int:
+    return bench.warmup + bench.repeats * bench.iters + bench.profile_steps
 
 
 def build_trainer(name: str, bench: argparse.Namespace, data_flags: List[str], device):
@@ -326,10 +410,9 @@ def build_trainer(name: str, bench: argparse.Namespace, data_flags: List[str], d
     from megatron.training import Trainer
 
     vocab = 1000 if bench.small else VOCAB
-    total = bench.warmup + bench.repeats * bench.iters + bench.profile_steps
-    run = build_run(megatron_argv(name, bench, data_flags, total), vocab)
+    run = build_run(megatron_argv(name, bench, data_flags, total_steps(bench)), vocab)
     set_random_seed(run.training.seed)
-    built = setup_model_and_optimizer(run, device, total)
+    built = setup_model_and_optimizer(run, device, total_steps(bench))
     batches = synthetic_batches(run.training, vocab, device)
     scales = []
     if bench.target_experts > 0:
@@ -339,49 +422,154 @@ def build_trainer(name: str, bench: argparse.Namespace, data_flags: List[str], d
         # What --compile does (megatron.engine.compile_model), after sharpening: run in the
         # compiled model, the sharpening's hooks and eval passes would force recompiles.
         compile_model(built.model, "inductor")
-    trainer = Trainer(run, built, device, total, (None, None, None))
+    trainer = Trainer(run, built, device, total_steps(bench), (None, None, None))
     trainer.train_iter = cycle(batches)
     built.engine.train()
     return trainer, scales
 
 
+def megatron_subject(name: str, bench: argparse.Namespace, data_flags: List[str],
+                     device) -> Subject:
+    trainer, scales = build_trainer(name, bench, data_flags, device)
+    t = trainer.run.training
+    return Subject(
+        step=trainer.train_step, modules=None if bench.compile else megatron_modules(trainer),
+        phases=megatron_phases(trainer), flops=trainer.flops,
+        global_batch_size=t.global_batch_size, seq_length=t.seq_length,
+        params=trainer.built.model.num_parameters(), scales=scales,
+        lm_loss=lambda r: float(r.lm_loss), moe_fields=lambda r: r.moe_fields)
+
+
+def megatron_modules(trainer) -> List[Tuple[Any, str]]:
+    """The module ranges of the breakdown: the DeepSpeed engine's forward around GPTModel's
+    (whose own ops are the output layer and the loss) around embedding, layers, attention and
+    MLP / MoE layer (layer norms, residual adds, dropout: the layers' and transformer's own)."""
+    engine, model = trainer.built.engine, trainer.built.model
+    modules = [(engine, ENGINE), (model, OUTPUT), (model.embedding, EMBEDDING),
+               (model.transformer, OTHER)]
+    for layer in model.transformer.layers:
+        modules += [(layer, OTHER), (layer.self_attention, ATTENTION),
+                    (layer.mlp, MOE_LAYERS if layer.is_moe else DENSE_FFN)]
+    return modules
+
+
+def megatron_phases(trainer) -> List[Tuple[object, str, str]]:
+    """What Trainer.train_step calls, to wrap in phase ranges: forward_lm, engine.backward,
+    engine.step, the optimizer's step, and the gradient norm / clipping functions under every
+    name a megatron module holds them by (clipping may move; an absent name is skipped)."""
+    import megatron.expert_groups as groups
+    import megatron.training as training
+
+    engine = trainer.built.engine
+    phases = [(training, "forward_lm", "forward"), (engine, "backward", "engine"),
+              (engine, "step", "engine"), (engine.optimizer, "step", "optimizer")]
+    for attribute in ("global_grad_norm", "clip_gradients_"):
+        function = getattr(groups, attribute, None)
+        if function is None:
+            continue
+        for module_name, module in list(sys.modules.items()):
+            if (module_name.split(".")[0] == "megatron"
+                    and getattr(module, attribute, None) is function):
+                phases.append((module, attribute, "grad norm/clip"))
+    return phases
+
+
+def plain_subject(bench: argparse.Namespace, data_flags: List[str], device) -> Subject:
+    """The plain-PyTorch reference with the dense config's shapes, hyperparameters, LR
+    schedule and synthetic batches (parsed from the dense config's Megatron flags)."""
+    import torch
+
+    from _plain_gpt import PlainGPT, PlainTrainer
+    from megatron.learning_rates import LRScheduler
+
+    if torch.distributed.get_world_size() > 1:
+        raise ValueError("plain runs on one rank (it has no data parallelism)")
+    vocab = 1000 if bench.small else VOCAB
+    run = build_run(megatron_argv("plain", bench, data_flags, total_steps(bench)), vocab)
+    m, o, t = run.model, run.optimizer, run.training
+    torch.manual_seed(t.seed)
+    model = PlainGPT(m.padded_vocab_size, m.max_position_embeddings, m.num_layers,
+                     m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.hidden_dropout,
+                     m.attention_dropout, m.init_method_std).to(device)
+    trainer = PlainTrainer(model, cycle(synthetic_batches(t, vocab, device)), lr=o.lr,
+                           betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                           weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+                           micro_steps=t.global_batch_size // t.micro_batch_size,
+                           compile=bench.compile)
+    schedule = LRScheduler(trainer.optimizer, o, total_steps(bench), t.global_batch_size,
+                           t.seq_length)
+    trainer.after_step = lambda: schedule.step(1, tokens=t.global_batch_size * t.seq_length)
+    return Subject(step=trainer.train_step,
+                   modules=None if bench.compile else plain_modules(model),
+                   phases=plain_phases(trainer), flops=plain_flops(model, t.seq_length),
+                   global_batch_size=t.global_batch_size, seq_length=t.seq_length,
+                   params=sum(p.numel() for p in model.parameters()), scales=[],
+                   lm_loss=float, moe_fields=lambda r: None)
+
+
+def plain_flops(model, seq_length: int):
+    """The dense model's FlopsModel: the same matmul parameters (all but the position table,
+    the tied embedding once), counted as FlopsModel.of_model counts GPTModel's."""
+    from megatron.training_log import FlopsModel
+
+    params = sum(p.numel() for p in model.parameters())
+    return FlopsModel(params - model.embedding.wpe.weight.numel(), (), len(model.blocks),
+                      model.ln_f.normalized_shape[0], seq_length, False)
+
+
+def plain_phases(trainer) -> List[Tuple[object, str, str]]:
+    """What PlainTrainer.train_step calls, to wrap in phase ranges."""
+    return [(trainer, "forward", "forward"), (trainer, "backward", "backward"),
+            (trainer, "clip_gradients", "grad norm/clip"), (trainer.optimizer, "step", "optimizer")]
+
+
+def plain_modules(model) -> List[Tuple[Any, str]]:
+    """PlainGPT's module ranges, with the Megatron configs' category names."""
+    modules = [(model, OUTPUT), (model.embedding, EMBEDDING), (model.ln_f, OTHER)]
+    for block in model.blocks:
+        modules += [(block, OTHER), (block.attn, ATTENTION), (block.mlp, DENSE_FFN)]
+    return modules
+
+
+# ----------------------------------------------------------------------------------------------
+# one config
+
+
 def run_config(name: str, bench: argparse.Namespace, data_flags: List[str], device) -> Result:
     import torch
-    from _moe_profile import profile_steps
 
-    trainer, scales = build_trainer(name, bench, data_flags, device)
-    timed_steps(trainer, bench.warmup, device)
+    subject = (plain_subject(bench, data_flags, device) if name == "plain" else
+               megatron_subject(name, bench, data_flags, device))
+    timed_steps(subject.step, bench.warmup, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loops, reports = [], []
     for _ in range(bench.repeats):
-        seconds, r = timed_steps(trainer, bench.iters, device)
+        seconds, r = timed_steps(subject.step, bench.iters, device)
         loops.append(seconds / max(bench.iters, 1))
         reports += r
     per_step = statistics.median(loops)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
-    kernel_ms = moe_ms = a2a_ms = None
+    profile = None          # after the timed loops: profiling does not touch their numbers
     if bench.profile_steps > 0:
-        kernel_ms, moe_ms, a2a_ms = profile_steps(trainer, bench.profile_steps, device,
-                                                  bench.profile, name, bench.compile)
+        profile = profile_steps(subject.step, bench.profile_steps, device, subject.modules,
+                                subject.phases, bench.profile, name)
     used_layers = wanted = used = dropped = None
-    if reports[0].moe_fields is not None:
-        fields = torch.stack([r.moe_fields for r in reports]).mean(0).cpu()  # [L, 6]
+    if subject.moe_fields(reports[0]) is not None:
+        fields = torch.stack([subject.moe_fields(r) for r in reports]).mean(0).cpu()  # [L, 6]
         used_layers = fields[:, 1].tolist()
         wanted, used, dropped = (float(fields[:, i].mean()) for i in (0, 1, 2))
-    t = trainer.run.training
-    flops = trainer.flops.per_iteration(t.global_batch_size, used_layers or [])
-    tokens = t.global_batch_size * t.seq_length
+    flops = subject.flops.per_iteration(subject.global_batch_size, used_layers or [])
+    tokens = subject.global_batch_size * subject.seq_length
     result = Result(
         name=name, ms_per_step=per_step * 1e3, tokens_per_s=tokens / per_step,
         tflops=flops / per_step / 1e12, mfu=flops / per_step / (PEAK_TFLOPS * 1e12),
         peak_gib=peak, used_per_token=used, wanted_per_token=wanted, dropped=dropped,
-        kernel_ms=kernel_ms, moe_ms=moe_ms, lm_loss=float(reports[-1].lm_loss),
-        params=trainer.built.model.num_parameters(), scales=scales, on_gpu=device.type == "cuda",
-        world=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-        all_to_all_ms=a2a_ms)
-    del trainer, reports
+        profile=profile, lm_loss=subject.lm_loss(reports[-1]), params=subject.params,
+        scales=subject.scales, on_gpu=device.type == "cuda",
+        world=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    del subject, reports
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -412,24 +600,73 @@ def result_line(r: Result) -> str:
 
 def _all_to_all_field(r: Result) -> str:
     """' | all-to-all X ms/step (Y% of step)' with several ranks and a profile, else ''."""
-    if r.world <= 1 or r.all_to_all_ms is None:
+    if r.world <= 1 or r.profile is None:
         return ""
     what = "NCCL kernels" if r.on_gpu else "gloo ops"
-    return (f" | all-to-all {r.all_to_all_ms:.2f} ms/step ({what}, "
-            f"{100 * r.all_to_all_ms / r.ms_per_step:.1f}% of step)")
+    return (f" | all-to-all {r.profile.all_to_all_ms:.2f} ms/step ({what}, "
+            f"{100 * r.profile.all_to_all_ms / r.ms_per_step:.1f}% of step)")
 
 
-def summary_lines(results: Dict[str, Result]) -> List[str]:
+def breakdown_lines(results: Dict[str, Result], compiled: bool) -> List[str]:
+    """The --breakdown table: a column per profiled config, ms per step."""
+    columns = [r for r in results.values() if r.profile is not None]
+    if not columns:
+        return ["--- step breakdown: no profiled config"]
+    of = "GPU kernel" if columns[0].on_gpu else "CPU op"
+    width = max(len(c) for c in (*CATEGORIES, *PHASES)) + 2
+
+    def row(label: str, values: List[float]) -> str:
+        return f"{label:<{width}}|" + "|".join(f"{v:>9.2f} " for v in values)
+
+    lines = [f"--- step breakdown: ms per step of {of} time over {columns[0].profile.steps} "
+             f"profiled step(s), wall time from the timed loops (benchmarks/_step_profile.py)",
+             f"{'':<{width}}|" + "|".join(f"{r.name:>9} " for r in columns)]
+    if compiled:
+        lines.append("(--compile: phase rows only; module hooks would force recompiles and "
+                     "fusion blurs module boundaries)")
+    else:
+        lines.append("by category")
+        lines += [row(c, [r.profile.categories[c] for r in columns]) for c in CATEGORIES]
+    lines.append("by phase")
+    lines += [row(p, [r.profile.phases[p] for r in columns]) for p in PHASES]
+    lines += [row(f"{of} total", [r.kernel_ms for r in columns]),
+              row("step wall time", [r.ms_per_step for r in columns]),
+              row("host gap (wall - kernel)", [r.ms_per_step - r.kernel_ms for r in columns])]
+    return lines
+
+
+def _verdict(value: float, target: float, applies: bool = True) -> str:
+    """met / NOT met, or for a --compile goal in an eager run, no verdict."""
+    if not applies:
+        return "a --compile goal, this run is eager"
+    return "met" if value >= target else "NOT met"
+
+
+def summary_lines(results: Dict[str, Result], compiled: bool) -> List[str]:
+    """The issue's goals as same-run ratios; the xmoe / dense goal of this run's mode."""
     lines = []
-    x, k, d = results.get("xmoe"), results.get("topk8"), results.get("dense")
-    if x is not None:
-        met = x.tokens_per_s >= TARGET_TOKENS_PER_S
-        lines.append(f"xmoe tokens/s {x.tokens_per_s / 1e3:.1f}k [target >= "
-                     f"{TARGET_TOKENS_PER_S / 1e3:.0f}k: {'met' if met else 'NOT met'}]")
+    x, k, d, p = (results.get(n) for n in ("xmoe", "topk8", "dense", "plain"))
     if x is not None and d is not None:
         ratio = x.tokens_per_s / d.tokens_per_s
-        lines.append(f"xmoe / dense tokens/s = {ratio:.3f} [target >= {TARGET_VS_DENSE}: "
-                     f"{'met' if ratio >= TARGET_VS_DENSE else 'NOT met'}]")
+        if compiled:
+            lines.append(f"xmoe / dense tokens/s = {ratio:.3f} [target >= {TARGET_VS_DENSE} "
+                         f"(stretch {STRETCH_VS_DENSE}): {_verdict(ratio, TARGET_VS_DENSE)}"
+                         f"{', stretch met' if ratio >= STRETCH_VS_DENSE else ''}]")
+        else:
+            lines.append(f"xmoe / dense (eager) tokens/s = {ratio:.3f} [target >= "
+                         f"{TARGET_VS_DENSE_EAGER}: {_verdict(ratio, TARGET_VS_DENSE_EAGER)}]")
+    if x is not None:
+        lines.append(f"xmoe tokens/s {x.tokens_per_s / 1e3:.1f}k [target >= "
+                     f"{TARGET_TOKENS_PER_S / 1e3:.0f}k: "
+                     f"{_verdict(x.tokens_per_s, TARGET_TOKENS_PER_S, compiled)}]")
+    if d is not None and p is not None:
+        ratio = d.tokens_per_s / p.tokens_per_s
+        lines.append(f"dense / plain tokens/s = {ratio:.3f} [target >= {TARGET_DENSE_VS_PLAIN}: "
+                     f"{_verdict(ratio, TARGET_DENSE_VS_PLAIN, compiled)}]")
+    if x is not None:
+        peak = f"{x.peak_gib:.1f} GiB" if x.on_gpu else "not measured on CPU"
+        lines.append(f"xmoe peak memory {peak} [information only: the issue's reference is "
+                     f"{REFERENCE_PEAK_GIB} GiB, compiled, from another run]")
     if k is not None and d is not None:
         lines.append(f"topk8 / dense tokens/s = {k.tokens_per_s / d.tokens_per_s:.3f}")
     if x is not None and k is not None and x.used_per_token:
@@ -469,13 +706,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_flags = placeholder_data(tmp)
         for name in bench.configs.split(","):
+            if name == "plain" and world > 1:
+                print("plain  | skipped: the plain-PyTorch reference runs on one rank")
+                continue
             try:
                 results[name] = run_config(name, bench, data_flags, device)
             except Exception as e:  # report and go on: one run should tell all it can
                 print(f"{name:<6} | failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 continue
             print(result_line(results[name]), flush=True)
-    for line in summary_lines(results):
+    if bench.breakdown:
+        print("\n".join(breakdown_lines(results, bench.compile)))
+    for line in summary_lines(results, bench.compile):
         print(line)
     if any(r.scales for r in results.values()):
         print("router scales: " + "; ".join(f"{r.name} " + ", ".join(f"{s:.2f}" for s in r.scales)
