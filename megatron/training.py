@@ -45,6 +45,7 @@ from megatron.expert_groups import clip_gradients_, global_grad_norm
 from megatron.initialize import (barrier, initialize_distributed, is_rank_0, print_rank_0,
                                  set_random_seed)
 from megatron.lm_forward import forward_lm
+from megatron.mixed_precision import MasterWeightAdamW
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, TensorBoardWriter,
                                    eval_block, eval_moe_lines, iteration_line, moe_lines,
                                    moe_stats_tensors)
@@ -152,8 +153,11 @@ class Trainer:
             engine.backward(lm_loss + out.moe_aux_loss)
             if built.own_clipping and engine.is_gradient_accumulation_boundary():
                 own_norm = global_grad_norm(engine.module, built.expert_parallel)
-                if self.run.optimizer.clip_grad > 0:
-                    clip_gradients_(engine.module, self.run.optimizer.clip_grad, own_norm)
+                clip = self.run.optimizer.clip_grad
+                if clip > 0 and isinstance(engine.optimizer, MasterWeightAdamW):
+                    engine.optimizer.clip_at_step(clip, own_norm)   # inside its step
+                elif clip > 0:
+                    clip_gradients_(engine.module, clip, own_norm)
             engine.step()
             lm_sum = _add(lm_sum, lm_loss.detach())
             aux_sum = _add(aux_sum, out.moe_aux_loss.detach())

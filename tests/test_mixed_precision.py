@@ -1,4 +1,5 @@
-"""MasterWeightAdamW (bf16 parameters, fp32 masters) against torch's AdamW on fp32 copies."""
+"""MasterWeightAdamW (bf16 parameters, fp32 masters) against torch's AdamW on fp32 copies, on its
+torch path (CPU); its Triton kernel path is tested in test_adamw_kernel.py."""
 
 import copy
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from megatron.mixed_precision import MasterWeightAdamW, cast_model_to_bf16
+from megatron.mixed_precision import MasterWeightAdamW, cast_model_to_bf16, clip_coefficient
 
 
 class Tiny(nn.Module):
@@ -112,3 +113,52 @@ def test_refresh_and_foreign_state():
     assert torch.equal(opt.masters[0][0], torch.full((5, 6), 0.5))
     with pytest.raises(ValueError, match="--no-load-optim"):
         opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def test_clip_at_step_is_clip_gradients_then_step_on_the_torch_path():
+    """The torch path scales the gradients in place at the next step exactly as the training
+    loop's clip_gradients_ did (bit for bit), once: the step after is not clipped."""
+    from megatron.expert_groups import clip_gradients_, global_grad_norm
+
+    def build():
+        torch.manual_seed(0)
+        m = Tiny()
+        cast_model_to_bf16(m)
+        return m, MasterWeightAdamW(groups(m), lr=1e-2, weight_decay=0.1)
+
+    a, opt_a = build()
+    b, opt_b = build()
+    assert opt_a.kernel is None                     # CPU without the interpreter: torch
+    for step in range(3):
+        x = torch.randn(7, 6, generator=torch.Generator().manual_seed(step)).bfloat16()
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss_of(model, x).backward()
+        norm = global_grad_norm(a, None)
+        assert torch.equal(norm, global_grad_norm(b, None))
+        if step < 2:                                # max_norm below the norm: clipping acts
+            clip_gradients_(a, 0.3 * norm.item(), norm)
+            opt_b.clip_at_step(0.3 * norm.item(), norm)
+            assert not torch.equal(a.lin.weight.grad, b.lin.weight.grad)   # not yet
+        opt_a.step()
+        opt_b.step()
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), (step, n)
+
+
+def test_clip_coefficient_is_deepspeeds_rule():
+    norm = torch.tensor([0.5, 2.0, 4.0])
+    expected = torch.tensor([min(1.0, 1.0 / (n + 1e-6)) for n in norm.tolist()])
+    torch.testing.assert_close(clip_coefficient(1.0, norm), expected, rtol=1e-7, atol=0)
+
+
+def test_kernel_needs_cuda_or_the_interpreter(monkeypatch):
+    model = Tiny()
+    cast_model_to_bf16(model)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert MasterWeightAdamW(groups(model), lr=1e-2).kernel is None
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        MasterWeightAdamW(groups(model), lr=1e-2, kernel=True)
+    model.lin.bias.data = model.lin.bias.data.half()
+    with pytest.raises(ValueError, match="bf16 and fp32 parameters only"):
+        MasterWeightAdamW(groups(model), lr=1e-2, kernel=True)

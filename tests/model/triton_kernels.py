@@ -22,10 +22,10 @@ CUDA_OR_INTERPRETER = pytest.mark.skipif(
     reason="CPU: run under TRITON_INTERPRET=1 by test_moe_kernels_interpreted")
 
 
-def kernel_module(name: str, kernel: str):
-    """Import megatron.model.moe.<name>; on CPU check that `kernel` is interpreted (the
-    variable was set before the import), so a test never runs a compiled CPU fallback."""
-    module = importlib.import_module(f"megatron.model.moe.{name}")
+def kernel_module(name: str, kernel: str, package: str = "megatron.model.moe"):
+    """Import <package>.<name>; on CPU check that `kernel` is interpreted (the variable was
+    set before the import), so a test never runs a compiled CPU fallback."""
+    module = importlib.import_module(f"{package}.{name}")
     if not CUDA:
         assert type(getattr(module, kernel)).__name__ == "InterpretedFunction"
     return module
