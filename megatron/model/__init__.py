@@ -1,5 +1,6 @@
 """Model code: GPT (gpt_model), transformer layers and MoE placement (transformer), attention,
-embeddings, the dense MLP, routers (mlp_gating) and the MoE layer (moe/).
+embeddings, the dense MLP, routers (mlp_gating), the MoE layer (moe/) and the output layer's
+fused cross-entropy (lm_loss).
 
 `from megatron.model import GPTModel, GPTOutput` resolves lazily (PEP 562), so importing a leaf
 such as `megatron.model.mlp_gating` does not build the whole model import graph (and the MoE

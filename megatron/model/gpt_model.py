@@ -15,6 +15,7 @@ from torch import nn
 from megatron.config import OVERRIDABLE_ROUTING, GPTConfig, MoEConfig
 from megatron.model.attention import KVCache
 from megatron.model.embedding import Embedding
+from megatron.model.lm_loss import lm_cross_entropy
 from megatron.model.moe import MoELayer, MoEStats, named_expert_parameters
 from megatron.model.transformer import Transformer
 
@@ -127,13 +128,13 @@ class GPTModel(nn.Module):
             position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
         x_BSD = self.embedding(input_ids, position_ids)
         out = self.transformer(x_BSD, input_ids, kv_cache, record_experts)
-        logits_BSV = F.linear(out.hidden_states, self.output_weight)
         if labels is None:
+            logits_BSV = F.linear(out.hidden_states, self.output_weight)
             return GPTOutput(logits_BSV, None, out.aux_loss, out.stats)
-        # Cross-entropy in fp32 whatever the params dtype (Megatron casts logits to float).
-        loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(),
-                                  reduction="none").view_as(labels)
-        return GPTOutput(None, loss_BS, out.aux_loss, out.stats)
+        # Output layer and fp32 cross-entropy in one op (fused on CUDA: no fp32 [T, V] tensors).
+        loss_T = lm_cross_entropy(out.hidden_states.flatten(0, 1), self.output_weight,
+                                  labels.flatten())
+        return GPTOutput(None, loss_T.view_as(labels), out.aux_loss, out.stats)
 
     def set_routing(self, **changes: Any) -> MoEConfig:
         """Route every MoE layer with other routing settings from now on, e.g.
