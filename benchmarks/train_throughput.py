@@ -92,6 +92,9 @@ so they add up):
                       (DeepSpeed's own work), outside phases: ranges around the callables
                       Trainer.train_step (PlainTrainer.train_step) calls, wrapped for the
                       profiled steps only
+  kernels linked to no op  GPU kernels the profiler attributes to no CPU op (Triton's launches
+                      through the driver API): counted from the GPU's kernel events, in no
+                      category or phase above, part of the total
   then                the kernel total, the step's wall time (the timed loops) and the host gap
                       (wall - kernel time: the GPU idles waiting for the host)
 Under --compile only the phase rows: module hooks would force recompiles and the fused kernels
@@ -629,6 +632,8 @@ def breakdown_lines(results: Dict[str, Result], compiled: bool) -> List[str]:
         lines += [row(c, [r.profile.categories[c] for r in columns]) for c in CATEGORIES]
     lines.append("by phase")
     lines += [row(p, [r.profile.phases[p] for r in columns]) for p in PHASES]
+    if columns[0].on_gpu:
+        lines.append(row("kernels linked to no op", [r.profile.unlinked_ms for r in columns]))
     lines += [row(f"{of} total", [r.kernel_ms for r in columns]),
               row("step wall time", [r.ms_per_step for r in columns]),
               row("host gap (wall - kernel)", [r.ms_per_step - r.kernel_ms for r in columns])]
