@@ -323,8 +323,10 @@ def _narrowest(seq: int, spans: List[Tuple[int, int, str]]) -> str:
 
 
 def device_kernel_us(events) -> float:
-    """Summed duration of every GPU event (kernels, memcpy, memset), linked to an op or not."""
-    return sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+    """Summed duration of every GPU event (kernels, memcpy, memset), linked to an op or not;
+    not the GPU-side copies of record_function ranges (user annotations), which span kernels."""
+    return sum(e.time_range.elapsed_us() for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
 
 
 def all_to_all_us(events, cuda: bool) -> float:
