@@ -37,3 +37,27 @@ def grouped_mm_cpu_ok() -> bool:
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def deepspeed_one_rank():
+    """Generator for a module fixture: deepspeed with a gloo group of one rank (no shm op
+    build), yielding deepspeed; the environment and DeepSpeed's cached world group restored."""
+    import importlib
+
+    import pytest
+    import torch
+
+    ds = pytest.importorskip("deepspeed")
+    mp = pytest.MonkeyPatch()
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                           WORLD_SIZE="1", LOCAL_RANK="0").items():
+        mp.setenv(key, value)
+    mp.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    # DeepSpeed caches a clone of the world group; drop one left by an earlier test module
+    # whose process group has been destroyed since.
+    mp.setattr(importlib.import_module("deepspeed.utils.groups"), "_WORLD_GROUP", None)
+    ds.init_distributed(dist_backend="gloo")
+    yield ds
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    mp.undo()

@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests import helpers
 import torch
 from torch.autograd import DeviceType
 
-from tests.helpers import child_env, free_port
+from tests.helpers import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -307,19 +309,8 @@ def test_plain_gpt_equals_gptmodel_with_the_same_weights():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """A gloo group of one rank as deepspeed wants it (no shm op build); environment restored."""
-    ds = pytest.importorskip("deepspeed")
-    mp = pytest.MonkeyPatch()
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                           WORLD_SIZE="1", LOCAL_RANK="0").items():
-        mp.setenv(key, value)
-    mp.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
-    mp.setattr(importlib.import_module("deepspeed.utils.groups"), "_WORLD_GROUP", None)
-    ds.init_distributed(dist_backend="gloo")
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    mp.undo()
+    """deepspeed with a gloo group of one rank (tests/helpers.py)."""
+    yield from helpers.deepspeed_one_rank()
 
 
 def test_megatron_step_ops_land_in_their_module_and_phase(one_rank, tmp_path):

@@ -5,11 +5,12 @@ workarounds (CPU, gloo, one rank)."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
 import pytest
+
+from tests import helpers
 import torch
 
 from megatron.arguments import RunConfig
@@ -28,7 +29,6 @@ from megatron.training import Trainer, sample_counts, total_train_iters
 from megatron.training_log import (FlopsModel, IntervalStats, StepReport, eval_block,
                                    iteration_line, moe_lines, moe_stats_tensors)
 from pretrain_gpt import error_message
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 
@@ -260,21 +260,8 @@ def test_distributed_env_defaults_and_launcher_values(monkeypatch):
 
 @pytest.fixture(scope="module")
 def deepspeed_one_rank():
-    """deepspeed with a gloo group of one rank (no shm op build); the environment restored."""
-    ds = pytest.importorskip("deepspeed")
-    mp = pytest.MonkeyPatch()
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                           WORLD_SIZE="1", LOCAL_RANK="0").items():
-        mp.setenv(key, value)
-    mp.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
-    # DeepSpeed caches a clone of the world group; drop one left by an earlier test module
-    # whose process group has been destroyed since.
-    mp.setattr(importlib.import_module("deepspeed.utils.groups"), "_WORLD_GROUP", None)
-    ds.init_distributed(dist_backend="gloo")
-    yield ds
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    mp.undo()
+    """deepspeed with a gloo group of one rank (tests/helpers.py)."""
+    yield from helpers.deepspeed_one_rank()
 
 
 def test_bf16_engine_casts_the_router_weight_but_routing_stays_fp32(deepspeed_one_rank):
