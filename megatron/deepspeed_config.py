@@ -35,6 +35,13 @@ LEGACY_SECTIONS = {
     "graph_harvesting": "graph capture comes from --compile or --moe-routing-cuda-graphs",
 }
 _ON_WHEN_PRESENT = ("sparse_attention",)      # had no "enabled" switch
+# DeepSpeed's throughput timer (on by default) synchronises the device at the start of every
+# forward and at every step: the GPU's queue drains twice per step and the host, not the GPU,
+# sets the pace of what follows (measured in benchmarks/HISTORY.md). Our training log prints
+# tokens/s without it; a JSON that has a "timers" section, or asks for wall_clock_breakdown
+# (DeepSpeed's timers, synchronising anyway), keeps DeepSpeed's choice.
+def quiet_timers() -> dict:
+    return {"throughput": {"enabled": False}}
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -148,6 +155,7 @@ def deepspeed_config_dict(run: RunConfig) -> dict:
         "gradient_clipping": run.optimizer.clip_grad,
         "steps_per_print": 2 ** 31 - 1,      # we print our own log lines every --log-interval
         "wall_clock_breakdown": False,
+        "timers": quiet_timers(),
         "zero_optimization": {"stage": t.zero_stage},
         "fp16": {"enabled": t.fp16},
         "bf16": {"enabled": t.bf16},
@@ -173,9 +181,15 @@ def deepspeed_config_dict(run: RunConfig) -> dict:
 def _adapt_for_engine(config: dict, path: str) -> None:
     """Make a user's (validated) JSON one DeepSpeed 0.19.8 runs with this trainer, in place, and
     say what changed in one line on rank 0:
-    switched-off LEGACY_SECTIONS are left out (DeepSpeed refuses the key whatever its value).
+    switched-off LEGACY_SECTIONS are left out (DeepSpeed refuses the key whatever its value);
+    without a "timers" section (and without wall_clock_breakdown) the throughput timer is off
+    (quiet_timers).
     """
     notes = []
+    if "timers" not in config and not config.get("wall_clock_breakdown", False):
+        config["timers"] = quiet_timers()
+        notes.append("DeepSpeed's throughput timer is off (it synchronises the GPU twice per "
+                     "step; the log prints tokens/s; a \"timers\" section keeps it)")
     dropped = [key for key in LEGACY_SECTIONS if key in config]
     if dropped:
         for key in dropped:

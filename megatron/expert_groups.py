@@ -19,7 +19,7 @@ expert shards themselves (megatron/checkpointing.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -123,10 +123,18 @@ def global_grad_norm(model: nn.Module, ep: ExpertParallelGroups | None) -> torch
 
 
 def _sum_of_squares(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """fp32 sum of squares of all `grads` (bf16 ones included: each norm is taken in fp32)."""
+    """fp32 sum of squares of all `grads` (bf16 ones included: each norm is taken in fp32).
+
+    One foreach norm per dtype: torch's multi-tensor kernel takes a list of one dtype only, and
+    a mixed list (bf16 grads with the fp32 router weights') falls back to one reduction kernel
+    per tensor."""
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    norms = [n for group in by_dtype.values()
+             for n in torch._foreach_norm(group, 2.0, dtype=torch.float32)]
     return torch.stack(norms).square().sum()
 
 

@@ -419,17 +419,28 @@ def test_deepspeed_fork_config_reaches_deepspeed_without_its_legacy_section(file
     """The fork's JSON (fp16 and bf16 sections, a switched-off curriculum_learning,
     prescale_gradients, wall_clock_breakdown, ZeRO's elastic_checkpoint): DeepSpeed 0.19.8
     refuses any top-level curriculum_learning, so the dict the engine receives leaves it out, and
-    one line says so."""
+    one line says so. Its throughput timer (two device syncs per step) is switched off, in the
+    same line, unless the JSON has a "timers" section or asks for wall_clock_breakdown."""
     ds_config = pytest.importorskip("deepspeed.runtime.config")
     capsys.readouterr()                             # DeepSpeed's import-time warning
     ds = deepspeed_config_dict(configs(_with_ds(files, XMOE_DS_CONFIG), world_size=1))
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and "curriculum_learning" in out[0] and "ds_test.json" in out[0], out
+    assert "throughput timer is off" in out[0], out
     assert ds == {k: v for k, v in XMOE_DS_CONFIG.items() if k != "curriculum_learning"} | \
-        {"gradient_accumulation_steps": 16}
+        {"gradient_accumulation_steps": 16, "timers": {"throughput": {"enabled": False}}}
     parsed = ds_config.DeepSpeedConfig(ds)          # DeepSpeed's own parser accepts it
     assert parsed.float16_config.enabled and not parsed.bfloat16_config.enabled
     assert parsed.prescale_gradients and parsed.zero_optimization_stage == 0
+    assert not parsed.timers_config.enabled
+    # a "timers" section of the user's is kept as written
+    timers = {"throughput": {"enabled": True, "synchronized": False}}
+    ds = deepspeed_config_dict(configs(_with_ds(files, {**XMOE_DS_CONFIG, "timers": timers}),
+                                       world_size=1))
+    assert "throughput timer" not in capsys.readouterr().out
+    assert ds["timers"] == timers
+    parsed = ds_config.DeepSpeedConfig(ds)
+    assert parsed.timers_config.enabled and not parsed.timers_config.synchronized
     # the template's other precision, bf16 on and fp16 off; Megatron-DeepSpeed's timers on
     config = {**XMOE_DS_CONFIG, "fp16": {**XMOE_DS_CONFIG["fp16"], "enabled": False},
               "bf16": {"enabled": True}, "wall_clock_breakdown": True}
@@ -438,6 +449,7 @@ def test_deepspeed_fork_config_reaches_deepspeed_without_its_legacy_section(file
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and "curriculum_learning" in out[0], out
     assert ds["wall_clock_breakdown"] is True       # DeepSpeed's timers work with our model
+    assert "timers" not in ds and "throughput timer" not in out[0]      # DeepSpeed's default
     parsed = ds_config.DeepSpeedConfig(ds)
     assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
 
@@ -529,6 +541,7 @@ def test_deepspeed_accepts_the_built_config(files):
     assert (fp16.loss_scale_window, fp16.hysteresis, fp16.min_loss_scale) == (1000, 2, 1)
     assert not parsed.bfloat16_config.enabled
     assert parsed.zero_optimization_stage == 1 and parsed.gradient_clipping == 1.0
+    assert not parsed.timers_config.enabled         # no device syncs of DeepSpeed's per step
 
 
 @pytest.mark.parametrize("router_flags", ["--use-threshold", "--use-hash-layer", "--topk 2"])

@@ -45,8 +45,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024    # elements per vector operation of a program
-CHUNK = 4096    # elements per program (one row of the block table)
+# Launch shape, tuned on the H200 (benchmarks/HISTORY.md): 4 elements per thread per vector
+# operation (BLOCK / (32 NUM_WARPS)); 8 per thread ran at 2.9 TB/s instead of 4.1.
+BLOCK = 512     # elements per vector operation of a program
+CHUNK = 2048    # elements per program (one row of the block table)
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -193,4 +196,4 @@ class MultiTensorAdamW:
             float(1 - lr * weight_decay), float(1 - beta1), float(beta2), float(1 - beta2),
             float(eps), float((lr / bc1) * -1), float(bc2 ** 0.5),
             LOW_PRECISION=self.low_precision, ALIGNED=self.aligned and self._grads_aligned,
-            CHUNK=self.chunk, BLOCK=self.block, num_warps=4)
+            CHUNK=self.chunk, BLOCK=self.block, num_warps=NUM_WARPS)
