@@ -324,6 +324,7 @@ def test_engine_setup_carries_the_policies_and_applies_the_workarounds(
     own_bf16 = precision == "bf16" and zero == 0
     assert isinstance(engine.optimizer, MasterWeightAdamW) is own_bf16
     assert engine.bfloat16_enabled() is (precision == "bf16" and zero > 0)
+    assert not engine.tput_timer.config.enabled     # no device syncs of DeepSpeed's per step
     gate = built.model.transformer.layers[1].mlp.gate_weight
     embedding = next(built.model.parameters())
     if own_bf16:
