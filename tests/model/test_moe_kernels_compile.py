@@ -72,9 +72,9 @@ def router_kernel_cases():
 def capacity_kernel_cases():
     from megatron.model.moe.kernels import capacity as c
     sizes = dict(T="i32", K="i32")
-    yield c.slot_grid_kernel, dict(experts_ptr=I64, wanted_ptr=U8, grid_ptr=I32), sizes, \
-        dict(BLOCK_T=64, BLOCK_K=64)
-    yield c.cutoff_kernel, dict(grid_ptr=I32, probs_ptr=F32, cut_ptr=I32), \
+    yield c.slot_grid_kernel, dict(experts_ptr=I64, wanted_ptr=U8, grid_ptr=I32,
+                                    counts_ptr=I32), sizes, dict(KB=128, BLOCK_T=64, BLOCK_K=64)
+    yield c.cutoff_kernel, dict(grid_ptr=I32, probs_ptr=F32, counts_ptr=I32, cut_ptr=I32), \
         dict(sizes, capacity="i32"), dict(KB=128, BLOCK_T=2048)
     yield c.rows_kernel, dict(grid_ptr=I32, probs_ptr=F32, cut_ptr=I32, kept_ptr=U8,
                                rows_ptr=I32, counts_ptr=I64), \
@@ -107,7 +107,7 @@ def test_capacity_kernels_compile_for_sm90():
 
 # The pointers each kernel stores to; every other kernel stores to out_ptr only.
 WRITTEN = {"combine_backward_kernel": {"grad_y_ptr", "grad_w_ptr"},
-           "slot_grid_kernel": {"grid_ptr"}, "cutoff_kernel": {"cut_ptr"},
+           "slot_grid_kernel": {"grid_ptr", "counts_ptr"}, "cutoff_kernel": {"cut_ptr"},
            "rows_kernel": {"kept_ptr", "rows_ptr", "counts_ptr"},
            "token_bags_kernel": {"pair_ptr", "bag_rows_ptr"}}
 

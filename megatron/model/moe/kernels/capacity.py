@@ -9,8 +9,9 @@ all T * K pairs on a 43-bit key and then scans an [E, T] grid, a large share of 
 time at threshold routing's K = E (measured in benchmarks/HISTORY.md). Here:
 
 1. `slot_grid_kernel`: grid[e, t] = k + 1 if token t wants expert e at slot k, else 0 (a
-   token's slots name distinct experts, so each cell is written at most once).
-2. `cutoff_kernel`, one program per expert: counts its wanted pairs per slot. If they fit in C
+   token's slots name distinct experts, so each cell is written at most once), and counts[e,
+   k + 1] += 1 per wanted pair (integer atomics: the same counts in any order).
+2. `cutoff_kernel`, one program per expert: reads its wanted pairs per slot. If they fit in C
    (the usual case), every pair is kept and the program is done. Otherwise the pairs of the
    slots before the cut slot s* are kept, and of slot s* the m = C - (pairs before s*) most
    probable: an MSB-first radix select (4 passes of 8 bits) over the probabilities' IEEE bits
@@ -44,9 +45,10 @@ def _prob_bits(probs_ptr, t, K, s, live):
 
 
 @triton.jit
-def slot_grid_kernel(experts_ptr, wanted_ptr, grid_ptr, T, K, BLOCK_T: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """grid[e, t] = k + 1 for every wanted pair (t, k) with experts[t, k] = e."""
+def slot_grid_kernel(experts_ptr, wanted_ptr, grid_ptr, counts_ptr, T, K, KB: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid[e, t] = k + 1 and counts[e, k + 1] += 1 for every wanted pair (t, k) with
+    experts[t, k] = e (counts: [E, KB] zeros before)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, BLOCK_K)
     inside = (t < T)[:, None] & (k < K)[None, :]
@@ -55,6 +57,7 @@ def slot_grid_kernel(experts_ptr, wanted_ptr, grid_ptr, T, K, BLOCK_T: tl.conste
     wanted = tl.load(wanted_ptr + at, mask=inside, other=0) != 0
     slot = tl.broadcast_to((k + 1)[None, :], (BLOCK_T, BLOCK_K))
     tl.store(grid_ptr + e * T + t[:, None], slot, mask=inside & wanted)
+    tl.atomic_add(counts_ptr + e * KB + slot, 1, mask=inside & wanted)
 
 
 @triton.jit
@@ -84,17 +87,15 @@ def _radix_select(row_ptr, probs_ptr, T, K, cut, m, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def cutoff_kernel(grid_ptr, probs_ptr, cut_ptr, T, K, capacity, KB: tl.constexpr,
+def cutoff_kernel(grid_ptr, probs_ptr, counts_ptr, cut_ptr, T, K, capacity, KB: tl.constexpr,
                    BLOCK_T: tl.constexpr):
-    """Per expert: cut slot (KB when all wanted pairs fit), v*, quota and kept count."""
+    """Per expert: cut slot (KB when all wanted pairs fit), v*, quota and kept count. Only an
+    overflowing expert reads its grid row (a histogram of the whole row per expert, 64
+    programs scanning [E, T], took most of the capacity step's time)."""
     e = tl.program_id(0)
     row_ptr = grid_ptr + tl.cast(e, tl.int64) * T
-    hist = tl.zeros([KB], dtype=tl.int32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        hist += tl.histogram(tl.load(row_ptr + t, mask=t < T, other=0), KB)
     bins = tl.arange(0, KB)
-    hist = tl.where(bins > 0, hist, 0)                  # bin 0: cells nobody wants
+    hist = tl.load(counts_ptr + e * KB + bins)          # bin 0 (cells nobody wants) is 0
     total = tl.sum(hist, axis=0)
     cut = tl.min(tl.where(tl.cumsum(hist, axis=0) > capacity, bins, KB), axis=0)
     quota = capacity - tl.sum(tl.where(bins < cut, hist, 0), axis=0)
@@ -174,15 +175,17 @@ def capacity_rows(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: t
     grid_ET = torch.zeros(E, T, dtype=torch.int32, device=device)
     block_k = triton.next_power_of_2(K)
     block_t = max(1, 4096 // block_k)
+    slot_bins = triton.next_power_of_2(K + 1)           # counts per slot k + 1; bin 0 unused
+    counts_EK = torch.zeros(E, slot_bins, dtype=torch.int32, device=device)
     slot_grid_kernel[(triton.cdiv(T, block_t),)](
-        experts_TK.contiguous(), wanted_TK.to(torch.uint8), grid_ET, T, K,
-        BLOCK_T=block_t, BLOCK_K=block_k)
+        experts_TK.contiguous(), wanted_TK.to(torch.uint8), grid_ET, counts_EK, T, K,
+        KB=slot_bins, BLOCK_T=block_t, BLOCK_K=block_k)
     probs_TK = probs_TK.detach().float().contiguous()
     # per expert: cut slot, v* bits, quota, kept count (the kernels' stride of 4)
     cut_E4 = torch.empty(E, 4, dtype=torch.int32, device=device)
     scan = min(scan_block, triton.next_power_of_2(max(T, 16)))
-    cutoff_kernel[(E,)](grid_ET, probs_TK, cut_E4, T, K, cap,
-                         KB=triton.next_power_of_2(K + 1), BLOCK_T=scan, num_warps=8)
+    cutoff_kernel[(E,)](grid_ET, probs_TK, counts_EK, cut_E4, T, K, cap, KB=slot_bins,
+                         BLOCK_T=scan, num_warps=8)
     kept_TK = torch.zeros(T, K, dtype=torch.uint8, device=device)
     rows_TK = torch.empty(T, K, dtype=torch.int32, device=device)
     counts_E = torch.empty(E, dtype=torch.int64, device=device)
