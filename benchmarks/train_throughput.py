@@ -9,6 +9,10 @@ minimal plain-PyTorch GPT-125M.
     deepspeed --num_gpus 8 benchmarks/train_throughput.py --configs xmoe \
         --megatron-args='--moe-expert-parallel-size 8'      # weak scaling: micro-batch per GPU
 
+This file times the configs; their flags, placeholder data, synthetic batches and router
+sharpening live in _throughput_configs.py, the printed lines and goals in _throughput_report.py,
+the profile's attribution in _step_profile.py.
+
 Every config but `plain` goes through the step users run: the Megatron command line of
 examples_deepspeed/MoE/ds_pretrain_gpt_*.sh (megatron.arguments parse_args / validate_args /
 build_configs), megatron.engine.setup_model_and_optimizer (GPTModel, our AdamW, fused on CUDA,
@@ -113,9 +117,7 @@ import argparse
 import dataclasses
 import gc
 import logging
-import math
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -126,46 +128,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _step_profile import (ATTENTION, CATEGORIES, DENSE_FFN, EMBEDDING, ENGINE,  # noqa: E402
-                           OTHER, OUTPUT, PHASES, StepProfile, profile_steps)
-from _step_profile import MOE as MOE_LAYERS  # noqa: E402  (MOE: the MoE flags below)
+from _step_profile import (ATTENTION, DENSE_FFN, EMBEDDING, ENGINE, OTHER,  # noqa: E402
+                           OUTPUT, profile_steps)
+from _step_profile import MOE as MOE_LAYERS  # noqa: E402  (MOE: the MoE flags)
+from _throughput_configs import (CONFIGS, VOCAB, build_run, cycle,  # noqa: E402
+                                 megatron_argv, placeholder_data, sharpen_routers,
+                                 synthetic_batches)
+from _throughput_report import (Result, breakdown_lines, result_line,  # noqa: E402
+                                summary_lines)
 
 PEAK_TFLOPS = 790.0              # H200 bf16 dense matmul, measured on the device (see docs)
-VOCAB = 50257                    # GPT-2's vocabulary; Megatron pads it to 50304
-# The goals of the end-to-end speed issue (same-run ratios; H200, bf16, micro-batch 16 x 1024).
-TARGET_VS_DENSE, STRETCH_VS_DENSE = 1.0, 1.1    # xmoe / dense tokens/s, --compile
-TARGET_VS_DENSE_EAGER = 0.9                     # xmoe / dense tokens/s, eager
-TARGET_TOKENS_PER_S = 450_000                   # xmoe, --compile
-TARGET_DENSE_VS_PLAIN = 0.95                    # dense / plain tokens/s, --compile
-REFERENCE_PEAK_GIB = 14.5                       # xmoe --compile in the issue's run: information
-
-MODEL = ["--num-layers", "12", "--hidden-size", "768", "--ffn-hidden-size", "3072",
-         "--num-attention-heads", "12", "--seq-length", "1024",
-         "--max-position-embeddings", "1024", "--micro-batch-size", "16"]
-SMALL_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256",
-               "--num-attention-heads", "4", "--seq-length", "64",
-               "--max-position-embeddings", "64", "--micro-batch-size", "2"]
-# The launch scripts' training flags (examples_deepspeed/MoE/gpt_launch_common.sh), their LR
-# schedule included: the benchmark's steps are the first of a run, deep in the warmup (LR ~1e-7),
-# as a real run's are. (A constant 4.5e-4 from step 0 moves every Adam-updated weight by ~its
-# init scale within 30 steps, and routing collapses onto few experts.)
-TRAINING = ["--init-method-std", "0.014", "--lr", "4.5e-4", "--min-lr", "4.5e-6",
-            "--lr-decay-style", "cosine", "--lr-warmup-tokens", str(60000 * 256 * 1024 // 10),
-            "--lr-decay-tokens", str(60000 * 256 * 1024),
-            "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--weight-decay", "0.1",
-            "--clip-grad", "1.0", "--seed", "1234", "--bf16", "--deepspeed"]
-MOE = ["--expert-interval", "2", "--moe-train-capacity-factor", "8.0",
-       "--moe-eval-capacity-factor", "8.0", "--moe-min-capacity", "4", "--moe-loss-coeff", "0.01",
-       "--create-moe-param-group"]
-CONFIGS = {
-    "xmoe": ["--num-experts", "64", "--moe-ffn-hidden-size", "384", *MOE,
-             "--use-threshold", "--threshold", "0.9"],
-    "topk8": ["--num-experts", "64", "--moe-ffn-hidden-size", "384", *MOE,
-              "--use-topk", "--topk", "8"],
-    "dense": ["--num-experts", "1"],
-    "plain": ["--num-experts", "1"],    # the dense config's flags, run by benchmarks/_plain_gpt.py
-}
-SMALL_EXPERTS = {"--num-experts": "16", "--moe-ffn-hidden-size": "32"}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -216,123 +188,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------
-# the run's configuration, through megatron.arguments
-
-
-def placeholder_data(directory: str) -> List[str]:
-    """Data flags pointing at a one-document dataset and empty vocab files (never read)."""
-    import numpy as np
-
-    from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
-
-    prefix = os.path.join(directory, "placeholder_text_document")
-    with MMapIndexedDatasetBuilder(prefix, dtype=np.uint16) as builder:
-        builder.add_item(np.arange(16, dtype=np.uint16))
-        builder.end_document()
-        builder.finalize()
-    for name in ("vocab.json", "merges.txt"):
-        Path(directory, name).touch()
-    return ["--data-path", prefix, "--vocab-file", os.path.join(directory, "vocab.json"),
-            "--merge-file", os.path.join(directory, "merges.txt")]
-
-
-def megatron_argv(name: str, bench: argparse.Namespace, data_flags: List[str],
-                  train_iters: int) -> List[str]:
-    config = list(CONFIGS[name])
-    if bench.small and config != CONFIGS["dense"]:
-        for i, flag in enumerate(config[:-1]):
-            config[i + 1] = SMALL_EXPERTS.get(flag, config[i + 1])
-    argv = (SMALL_MODEL if bench.small else MODEL) + TRAINING + config + data_flags
-    argv += ["--train-iters", str(train_iters)]
-    if bench.global_batch_size:
-        argv += ["--global-batch-size", str(bench.global_batch_size)]
-    if bench.sync_free:
-        argv.append("--moe-sync-free-dispatch")
-    return argv + shlex.split(bench.megatron_args)
-
-
-def build_run(argv: List[str], vocab: int):
-    from megatron.arguments import build_configs, parse_args as megatron_parse_args
-    from megatron.arguments import validate_args
-    from megatron.tokenizer.padding import vocab_size_with_padding
-
-    import torch.distributed as dist
-
-    args = megatron_parse_args(argv)
-    validated = validate_args(args, world_size=dist.get_world_size() if dist.is_initialized()
-                              else 1)
-    return build_configs(validated,
-                         vocab_size_with_padding(vocab, args.make_vocab_size_divisible_by))
-
-
-# ----------------------------------------------------------------------------------------------
-# synthetic data, router sharpening
-
-
-def synthetic_batches(t, vocab: int, device, count: int = 4) -> list:
-    """`count` micro-batches {"text": int64 [b, s+1]} of uniform random ids, on the device."""
-    import torch
-
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    g = torch.Generator(device="cpu").manual_seed(t.seed + rank)      # each rank its own data
-    return [{"text": torch.randint(0, vocab, (t.micro_batch_size, t.seq_length + 1),
-                                   generator=g).to(device)} for _ in range(count)]
-
-
-def cycle(items: list):
-    while True:
-        yield from items
-
-
-def sharpen_routers(engine, model, batch: dict, device, target: float) -> List[float]:
-    """Scale each MoE router weight (in layer order, each on the inputs the previous ones give)
-    until a threshold-0.9 router wants `target` experts per token; returns the scales.
-
-    The optimizer's fp32 master copies are refreshed from the scaled weights (DeepSpeed's
-    refresh_fp32_params, what load_module_only does), so the first step does not undo it.
-    """
-    import torch
-
-    from megatron.lm_forward import get_batch
-    from megatron.model.mlp_gating import threshold_route
-
-    input_ids, _ = get_batch(batch, device)
-    scales = []
-    was_training = model.training
-    model.eval()
-    for layer in (l.mlp for l in model.transformer.layers if l.is_moe):
-        if layer.gate_weight is None:
-            continue
-        captured = []      # the hook must return None (a value would replace the input)
-        hook = layer.register_forward_pre_hook(
-            lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
-        with torch.no_grad():
-            model(input_ids)
-        hook.remove()
-        x_TD, base = captured[0].float(), layer.gate_weight.detach().float().clone()
-
-        def wanted(scale: float) -> float:
-            decision = threshold_route(x_TD @ (base * scale).t(), 0.9, capacity=None)
-            return float(decision.wanted_TK.sum()) / x_TD.shape[0]
-
-        lo, hi = math.log(1e-2), math.log(1e4)     # larger scale: peakier, fewer experts
-        for _ in range(30):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if wanted(math.exp(mid)) > target else (lo, mid)
-        log_scale = torch.tensor([0.5 * (lo + hi)], dtype=torch.float64, device=device)
-        if torch.distributed.is_initialized():      # one scale on every rank: routers are
-            torch.distributed.all_reduce(log_scale)  # replicated (data-parallel) parameters
-            log_scale /= torch.distributed.get_world_size()
-        scales.append(math.exp(float(log_scale)))
-        with torch.no_grad():
-            layer.gate_weight.copy_(base * scales[-1])
-    model.train(was_training)
-    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-    if refresh is not None:
-        refresh()
-    return scales
-
 
 # ----------------------------------------------------------------------------------------------
 # timing and profiling
@@ -354,31 +209,6 @@ class Subject:
     moe_fields: Callable[[Any], Any]            # of a step's report: [L, 6] tensor or None
 
 
-@dataclasses.dataclass
-class Result:
-    name: str
-    ms_per_step: float
-    tokens_per_s: float
-    mfu: float
-    tflops: float
-    peak_gib: float
-    used_per_token: Optional[float]
-    wanted_per_token: Optional[float]
-    dropped: Optional[float]
-    profile: Optional[StepProfile]      # kernel time per step by category / phase (profiled)
-    lm_loss: float
-    params: int
-    scales: List[float]
-    on_gpu: bool
-    world: int = 1                      # ranks; the global batch is micro-batch x world
-
-    @property
-    def kernel_ms(self) -> Optional[float]:
-        return None if self.profile is None else self.profile.kernel_ms
-
-    @property
-    def moe_ms(self) -> Optional[float]:
-        return None if self.profile is None else self.profile.moe_ms
 
 
 def synchronize(device) -> None:
@@ -580,109 +410,6 @@ def run_config(name: str, bench: argparse.Namespace, data_flags: List[str], devi
         torch._dynamo.reset()
     return result
 
-
-# ----------------------------------------------------------------------------------------------
-# report
-
-
-def result_line(r: Result) -> str:
-    experts = ("-" if r.used_per_token is None else
-               f"{r.used_per_token:.2f} used / {r.wanted_per_token:.2f} wanted, "
-               f"{100 * r.dropped:.1f}% dropped")
-    busy = ("-" if r.kernel_ms is None or not r.on_gpu else
-            f"{100 * r.kernel_ms / r.ms_per_step:.0f}%")
-    of = "GPU kernel" if r.on_gpu else "CPU op"
-    share = ("-" if r.moe_ms is None or not r.kernel_ms or r.used_per_token is None else
-             f"{100 * r.moe_ms / r.kernel_ms:.1f}% of {of} time ({r.moe_ms:.1f} ms/step)")
-    return (f"{r.name:<6} | {r.tokens_per_s / 1e3:7.1f}k tokens/s | {r.ms_per_step:7.2f} ms/step"
-            f" | MFU {100 * r.mfu:5.1f}% ({r.tflops:5.1f} TFLOP/s) | peak {r.peak_gib:5.1f} GiB"
-            f" | GPU busy {busy} | experts/token {experts} | MoE share {share}"
-            f" | lm loss {r.lm_loss:.3f}"
-            f" | params {r.params / 1e6:.1f}M" + _all_to_all_field(r))
-
-
-def _all_to_all_field(r: Result) -> str:
-    """' | all-to-all X ms/step (Y% of step)' with several ranks and a profile, else ''."""
-    if r.world <= 1 or r.profile is None:
-        return ""
-    what = "NCCL kernels" if r.on_gpu else "gloo ops"
-    return (f" | all-to-all {r.profile.all_to_all_ms:.2f} ms/step ({what}, "
-            f"{100 * r.profile.all_to_all_ms / r.ms_per_step:.1f}% of step)")
-
-
-def breakdown_lines(results: Dict[str, Result], compiled: bool) -> List[str]:
-    """The --breakdown table: a column per profiled config, ms per step."""
-    columns = [r for r in results.values() if r.profile is not None]
-    if not columns:
-        return ["--- step breakdown: no profiled config"]
-    of = "GPU kernel" if columns[0].on_gpu else "CPU op"
-    width = max(len(c) for c in (*CATEGORIES, *PHASES)) + 2
-
-    def row(label: str, values: List[float]) -> str:
-        return f"{label:<{width}}|" + "|".join(f"{v:>9.2f} " for v in values)
-
-    lines = [f"--- step breakdown: ms per step of {of} time over {columns[0].profile.steps} "
-             f"profiled step(s), wall time from the timed loops (benchmarks/_step_profile.py)",
-             f"{'':<{width}}|" + "|".join(f"{r.name:>9} " for r in columns)]
-    if compiled:
-        lines.append("(--compile: phase rows only; module hooks would force recompiles and "
-                     "fusion blurs module boundaries)")
-    else:
-        lines.append("by category")
-        lines += [row(c, [r.profile.categories[c] for r in columns]) for c in CATEGORIES]
-    lines.append("by phase")
-    lines += [row(p, [r.profile.phases[p] for r in columns]) for p in PHASES]
-    if columns[0].on_gpu:
-        lines.append(row("kernels linked to no op", [r.profile.unlinked_ms for r in columns]))
-    lines += [row(f"{of} total", [r.kernel_ms for r in columns]),
-              row("step wall time", [r.ms_per_step for r in columns]),
-              row("host gap (wall - kernel)", [r.ms_per_step - r.kernel_ms for r in columns])]
-    return lines
-
-
-def _verdict(value: float, target: float, applies: bool = True) -> str:
-    """met / NOT met, or for a --compile goal in an eager run, no verdict."""
-    if not applies:
-        return "a --compile goal, this run is eager"
-    return "met" if value >= target else "NOT met"
-
-
-def summary_lines(results: Dict[str, Result], compiled: bool) -> List[str]:
-    """The issue's goals as same-run ratios; the xmoe / dense goal of this run's mode."""
-    lines = []
-    x, k, d, p = (results.get(n) for n in ("xmoe", "topk8", "dense", "plain"))
-    if x is not None and d is not None:
-        ratio = x.tokens_per_s / d.tokens_per_s
-        if compiled:
-            lines.append(f"xmoe / dense tokens/s = {ratio:.3f} [target >= {TARGET_VS_DENSE} "
-                         f"(stretch {STRETCH_VS_DENSE}): {_verdict(ratio, TARGET_VS_DENSE)}"
-                         f"{', stretch met' if ratio >= STRETCH_VS_DENSE else ''}]")
-        else:
-            lines.append(f"xmoe / dense (eager) tokens/s = {ratio:.3f} [target >= "
-                         f"{TARGET_VS_DENSE_EAGER}: {_verdict(ratio, TARGET_VS_DENSE_EAGER)}]")
-    if x is not None:
-        lines.append(f"xmoe tokens/s {x.tokens_per_s / 1e3:.1f}k [target >= "
-                     f"{TARGET_TOKENS_PER_S / 1e3:.0f}k: "
-                     f"{_verdict(x.tokens_per_s, TARGET_TOKENS_PER_S, compiled)}]")
-    if d is not None and p is not None:
-        ratio = d.tokens_per_s / p.tokens_per_s
-        lines.append(f"dense / plain tokens/s = {ratio:.3f} [target >= {TARGET_DENSE_VS_PLAIN}: "
-                     f"{_verdict(ratio, TARGET_DENSE_VS_PLAIN, compiled)}]")
-    if x is not None:
-        peak = f"{x.peak_gib:.1f} GiB" if x.on_gpu else "not measured on CPU"
-        lines.append(f"xmoe peak memory {peak} [information only: the issue's reference is "
-                     f"{REFERENCE_PEAK_GIB} GiB, compiled, from another run]")
-    if k is not None and d is not None:
-        lines.append(f"topk8 / dense tokens/s = {k.tokens_per_s / d.tokens_per_s:.3f}")
-    if x is not None and k is not None and x.used_per_token:
-        flop_ratio = k.used_per_token / x.used_per_token
-        moe = ""
-        if x.moe_ms and k.moe_ms:
-            moe = f"; MoE-layer kernel time ratio {k.moe_ms / x.moe_ms:.2f}"
-        lines.append(f"topk8 / xmoe step time = {k.ms_per_step / x.ms_per_step:.2f}{moe} vs "
-                     f"expert-FLOP ratio {flop_ratio:.2f} ({k.used_per_token:.2f} / "
-                     f"{x.used_per_token:.2f} experts per token)")
-    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -19,7 +19,6 @@ import pytest
 
 from tests import helpers
 import torch
-from torch.autograd import DeviceType
 
 from tests.helpers import child_env
 
