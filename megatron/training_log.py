@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.model.moe.stats import QUANTILES, MoEStats
+from megatron.model.moe.stats import MoEStats
 
 if TYPE_CHECKING:
     from megatron.evaluation import EvalResult
@@ -30,13 +30,12 @@ if TYPE_CHECKING:
 # Columns of the per-layer MoE statistics summed per step: [L, len(MOE_FIELDS)].
 MOE_FIELDS = ("wanted_per_token", "used_per_token", "dropped_fraction", "top1_p50",
               "flops_vs_topk", "flops_vs_dense")
-_P50 = QUANTILES.index(0.5)
 
 
 def moe_stats_tensors(stats: Sequence[MoEStats]) -> tuple[torch.Tensor, torch.Tensor]:
     """(fields [L, 6] fp32, expert loads [sum of E] fp32) of one forward; device ops only."""
     fields = torch.stack([torch.stack([s.wanted_per_token, s.used_per_token, s.dropped_fraction,
-                                       s.top1_prob_quantiles[_P50], s.flops_vs_topk,
+                                       s.top1_prob_median, s.flops_vs_topk,
                                        s.flops_vs_dense]).float() for s in stats])
     loads = torch.cat([s.expert_load_E.float() for s in stats])
     return fields, loads

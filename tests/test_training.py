@@ -153,7 +153,7 @@ def test_moe_stats_tensors_match_the_model_stats():
     assert fields.shape == (2, 6) and loads.shape == (4 + 3,)
     for row, s in zip(fields, out.moe_stats):
         assert row[0] == s.wanted_per_token and row[1] == s.used_per_token
-        assert row[3] == s.top1_prob_quantiles[2] and row[5] == s.flops_vs_dense
+        assert row[3] == s.top1_prob_median and row[5] == s.flops_vs_dense
     assert loads.sum() == sum(int(s.expert_load_E.sum()) for s in out.moe_stats)
 
 

@@ -19,6 +19,7 @@ from megatron.model.moe import MoELayer, MoEOutput, MoEStats, compute_stats
 from megatron.model.moe.dispatch import make_plan
 from megatron.model.moe.experts import grouped_mm_available
 from megatron.model.moe.reference import use_reference_experts
+from megatron.model.moe.stats import interpolated_median
 from tests.helpers import child_env
 from tests.model.gelu_reference import FORMS, ref_gelu
 
@@ -389,11 +390,11 @@ def test_stats_match_hand_computation():
     torch.testing.assert_close(s.dropped_fraction, torch.tensor(2 / 6))
     assert torch.equal(s.expert_load_E, torch.tensor([2, 2, 0]))
     assert s.expert_load_E.dtype == torch.int64
-    # sorted top-1: 0.5, 0.6, 0.7, 0.9; q * 3 -> 0.15, 0.75, 1.5, 2.25, 2.85 (linear interp.)
-    want_q = torch.tensor([0.515, 0.575, 0.65, 0.75, 0.87])
-    torch.testing.assert_close(s.top1_prob_quantiles, want_q)
-    torch.testing.assert_close(s.top1_prob_quantiles,
-                               torch.quantile(d.top1_prob_T, torch.tensor([.05, .25, .5, .75, .95])))
+    # sorted top-1: 0.5, 0.6, 0.7, 0.9; the median interpolates 0.6 and 0.7
+    torch.testing.assert_close(s.top1_prob_median, torch.tensor(0.65))
+    for n in (1, 2, 5, 8):                          # odd and even sizes, as torch.quantile
+        v = torch.rand(n, generator=torch.Generator().manual_seed(n))
+        torch.testing.assert_close(interpolated_median(v), torch.quantile(v, 0.5))
     torch.testing.assert_close(s.flops_vs_topk, torch.tensor(4 / (4 * 2)))
     torch.testing.assert_close(s.flops_vs_dense, torch.tensor(4 * 8 / (4 * 32)))
 
@@ -406,12 +407,12 @@ def test_layer_stats_are_detached_and_consistent():
     d = layer.decide(x.reshape(T, D), None)
     s = out.stats
     for name in ("wanted_per_token", "used_per_token", "dropped_fraction", "expert_load_E",
-                 "top1_prob_quantiles", "flops_vs_topk", "flops_vs_dense"):
+                 "top1_prob_median", "flops_vs_topk", "flops_vs_dense"):
         assert not getattr(s, name).requires_grad, name
     assert torch.equal(s.expert_load_E, d.tokens_per_expert_E)
     torch.testing.assert_close(s.used_per_token, d.kept_TK.sum().float() / T)
     torch.testing.assert_close(s.flops_vs_dense, d.kept_TK.sum().float() * FH / (T * 4 * D))
-    assert s.top1_prob_quantiles.dtype == torch.float32 and s.top1_prob_quantiles.shape == (5,)
+    assert s.top1_prob_median.dtype == torch.float32 and s.top1_prob_median.shape == ()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

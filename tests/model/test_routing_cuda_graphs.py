@@ -43,7 +43,7 @@ def run(layers, steps=4):
         first = layers[0](x)
         y, aux, used, load = tensors(layers[1](first.output))
         stats = [first.stats.used_per_token.clone(), first.stats.expert_load_E.clone(),
-                 first.stats.top1_prob_quantiles.clone(), used.clone(), load.clone()]
+                 first.stats.top1_prob_median.clone(), used.clone(), load.clone()]
         loss = (y.float() ** 2).mean() + first.aux_loss + aux
         loss.backward()
         grads = [p.grad.clone() for layer in layers for p in layer.parameters()]

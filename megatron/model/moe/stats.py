@@ -12,9 +12,6 @@ import torch
 
 from megatron.model.moe.router import RoutingDecision
 
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
 @dataclass(frozen=True)
 class MoEStats:
     """Detached statistics of one MoE layer's forward (tensors stay on the device; read lazily).
@@ -23,7 +20,8 @@ class MoEStats:
     used_per_token:   mean experts per token after capacity
     dropped_fraction: dropped pairs / wanted pairs
     expert_load_E:    int64 [E] kept pairs per expert
-    top1_prob_quantiles: fp32 [5] of each token's top-1 probability at q = QUANTILES
+    top1_prob_median: fp32 median of each token's top-1 probability (linear interpolation,
+                      torch.quantile's q = 0.5; the log's top-1 p50)
     flops_vs_topk:    kept pairs / (T * topk): expert FLOPs relative to a top-k router
     flops_vs_dense:   kept pairs * F_expert / (T * F_dense): relative to the dense FFN
     token_experts_TK: int64 [T, K] each token's kept experts in choice order (most probable
@@ -37,32 +35,26 @@ class MoEStats:
     used_per_token: torch.Tensor
     dropped_fraction: torch.Tensor
     expert_load_E: torch.Tensor
-    top1_prob_quantiles: torch.Tensor
+    top1_prob_median: torch.Tensor
     flops_vs_topk: torch.Tensor
     flops_vs_dense: torch.Tensor
     token_experts_TK: Optional[torch.Tensor] = None
 
 
-def sorted_quantiles(values_T: torch.Tensor, qs=QUANTILES) -> torch.Tensor:
-    """Linear-interpolation quantiles (torch.quantile's default) without a host sync.
+def interpolated_median(values_T: torch.Tensor) -> torch.Tensor:
+    """torch.quantile(values, 0.5) (linear interpolation) without a host sync: torch.quantile
+    checks a tensor q on the host; the two middle positions come from the static size.
 
-    torch.quantile checks a tensor q on the host, and building index tensors from Python lists
-    costs a host-to-device copy; positions come from the static T, and each quantile is a view
-    of the sorted values combined with Python-float weights.
+    Only the median: the statistics run at every MoE layer's every step, where each small op
+    is host time in eager training (the other quantiles this once computed were never read).
     """
     values = values_T.detach().float().reshape(-1)
     n = values.numel()
     if n == 0:
-        return values.new_full((len(qs),), float("nan"))
-    sorted_T = torch.sort(values).values
-    out = []
-    for q in qs:
-        pos = q * (n - 1)
-        lo = int(pos)
-        hi = min(lo + 1, n - 1)
-        frac = pos - lo
-        out.append(sorted_T[lo] * (1.0 - frac) + sorted_T[hi] * frac)
-    return torch.stack(out)
+        return values.new_full((), float("nan"))
+    lo = (n - 1) // 2
+    middle = torch.sort(values).values[lo:lo + 2]
+    return middle.mean() if n % 2 == 0 else middle[0]
 
 
 @torch.no_grad()
@@ -81,7 +73,7 @@ def compute_stats(decision: RoutingDecision, layer_number: int, topk: int,
         used_per_token=kept / t,
         dropped_fraction=(wanted - kept) / wanted.clamp(min=1.0),
         expert_load_E=decision.tokens_per_expert_E.detach().to(torch.int64).clone(),
-        top1_prob_quantiles=sorted_quantiles(decision.top1_prob_T),
+        top1_prob_median=interpolated_median(decision.top1_prob_T),
         flops_vs_topk=kept / (t * topk),
         flops_vs_dense=kept * expert_ffn_hidden_size / (t * dense_ffn_hidden_size),
     )
