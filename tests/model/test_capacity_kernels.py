@@ -128,9 +128,11 @@ def test_wide_blocks_match_narrow_blocks(cap):
 @pytest.mark.parametrize("router", ["threshold", "topk", "switch", "hash"])
 @pytest.mark.parametrize("drop_tokens", [True, False])
 def test_routing_step_plans_equal_torch_path(cap, router, drop_tokens):
-    """routing_step with the Triton backend's capacity strategy gives the same decision and
-    the same dispatch plan, array for array, as the torch backend's sort + grid scan."""
-    from megatron.model.moe.ops import triton_capacity
+    """routing_step with the Triton backend's capacity and threshold-slots strategies gives the
+    same decision and the same dispatch plan, array for array, as the torch backend's sorts and
+    grid scan."""
+    from megatron.model.moe.ops import triton_capacity, triton_threshold_slots
+    from megatron.model.moe.router import torch_threshold_slots
 
     T, E, D = 96, 8, 12
     gen = torch.Generator().manual_seed(2)
@@ -141,16 +143,27 @@ def test_routing_step_plans_equal_torch_path(cap, router, drop_tokens):
     table = torch.randint(0, E, (50,), generator=gen)
     noise = torch.zeros(T, E) if router == "topk" else None
     results, calls = [], []
-    for capacity_fn in (capacity_with_rows, triton_capacity):
+    strategies = ((capacity_with_rows, torch_threshold_slots),
+                  (triton_capacity, triton_threshold_slots))
+    for capacity_fn, slots_fn in strategies:
         def spy(*args, fn=capacity_fn):
+            calls.append(fn)
+            return fn(*args)
+
+        def slots_spy(*args, fn=slots_fn):
             calls.append(fn)
             return fn(*args)
         decision, core, _ = routing_step(logits.to(DEVICE), token_ids.to(DEVICE),
                                          table.to(DEVICE), None if noise is None
-                                         else noise.to(DEVICE), config, E, True, 4 * D, spy)
+                                         else noise.to(DEVICE), config, E, True, 4 * D, spy,
+                                         slots_spy)
         results.append((decision, core))
     (d0, c0), (d1, c1) = results
-    assert calls == [capacity_with_rows, triton_capacity]     # each strategy decided once
+    if router == "threshold":                   # each strategy decided once
+        assert calls == [torch_threshold_slots, capacity_with_rows, triton_threshold_slots,
+                         triton_capacity]
+    else:
+        assert calls == [capacity_with_rows, triton_capacity]
     for name in ("experts_TK", "wanted_TK", "kept_TK", "tokens_per_expert_E"):
         assert torch.equal(getattr(d0, name), getattr(d1, name)), name
     assert torch.equal(d0.weights_TK, d1.weights_TK)

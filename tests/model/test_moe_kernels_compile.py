@@ -82,6 +82,10 @@ def capacity_kernel_cases():
     yield c.token_bags_kernel, dict(kept_ptr=U8, rows_ptr=I32, bag_start_ptr=I64,
                                      pair_ptr=I64, bag_rows_ptr=I64), sizes, \
         dict(BLOCK_T=64, BLOCK_K=64)
+    from megatron.model.moe.kernels import threshold as th
+    for slots in (64, 3):                       # every expert a slot, or a cap
+        yield th.threshold_slots_kernel, dict(probs_ptr=F32, experts_ptr=I64, wanted_ptr=U8), \
+            dict(T="i32", threshold="fp32"), dict(E=64, EB=64, K=slots, BLOCK_T=16)
 
 
 def all_cases():
@@ -109,7 +113,8 @@ def test_capacity_kernels_compile_for_sm90():
 WRITTEN = {"combine_backward_kernel": {"grad_y_ptr", "grad_w_ptr"},
            "slot_grid_kernel": {"grid_ptr", "counts_ptr"}, "cutoff_kernel": {"cut_ptr"},
            "rows_kernel": {"kept_ptr", "rows_ptr", "counts_ptr"},
-           "token_bags_kernel": {"pair_ptr", "bag_rows_ptr"}}
+           "token_bags_kernel": {"pair_ptr", "bag_rows_ptr"},
+           "threshold_slots_kernel": {"experts_ptr", "wanted_ptr"}}
 
 
 def accessed_for_sm90(fn, pointers, scalars, constexprs):

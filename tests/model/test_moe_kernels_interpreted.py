@@ -1,5 +1,6 @@
 """Run the Triton kernel tests on CPU under triton's interpreter, in a process of their own:
-the MoE layer's (test_moe_kernels.py, test_capacity_kernels.py), the master-weight AdamW step's
+the MoE layer's (test_moe_kernels.py, test_capacity_kernels.py, test_threshold_kernel.py), the
+master-weight AdamW step's
 (tests/test_adamw_kernel.py) and the fused output-layer cross-entropy's (test_lm_loss.py).
 
 triton decides between compiling and interpreting a kernel when it decorates it, from the
@@ -30,6 +31,7 @@ def test_kernels_under_interpreter():
                            str(ROOT / "tests" / "model" / "test_moe_kernels.py"),
                            str(ROOT / "tests" / "test_adamw_kernel.py"),
                            str(ROOT / "tests" / "model" / "test_capacity_kernels.py"),
+                           str(ROOT / "tests" / "model" / "test_threshold_kernel.py"),
                            str(ROOT / "tests" / "model" / "test_lm_loss.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

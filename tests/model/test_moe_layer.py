@@ -549,8 +549,9 @@ def test_backend_is_resolved_once_and_shown(monkeypatch):
 
     layer = make_layer("threshold", True, False, impl="grouped").train()
     assert layer.backend.name == "torch"
-    assert "backend=torch (router logits: torch_router_logits, capacity: capacity_with_rows, " \
-           "experts: torch_experts_untraced)" in str(layer)   # (untraced off CUDA)
+    assert "backend=torch (router logits: torch_router_logits, threshold slots: " \
+           "torch_threshold_slots, capacity: capacity_with_rows, experts: " \
+           "torch_experts_untraced)" in str(layer)   # (untraced off CUDA)
     calls = []
     monkeypatch.setattr(layer_module, "resolve_backend",
                         lambda *a: calls.append(a) or TORCH)

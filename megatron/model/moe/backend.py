@@ -9,6 +9,8 @@ implementation of each step that has more than one. Nothing downstream re-decide
     step                 torch                                triton (ops.py over kernels/)
     router logits        fp32 F.linear                        Triton GEMM, fp32-accurate from
                                                               bf16 activations (router_gemm.py)
+    threshold slots      stable sort, fp64 scan (router.     one ranking kernel
+                         torch_threshold_slots)               (threshold.py)
     capacity + the       one sort (router.capacity_and_       sort-free kernels (capacity.py)
     plan's rows          counts), scans (dispatch.rows_by_
                          scans)
@@ -36,7 +38,7 @@ from megatron.config import MOE_BACKENDS
 from megatron.model.moe.dispatch import DispatchPlan, capacity_with_rows, combine, dispatch
 from megatron.model.moe.expert_parallel import expert_parallel_moe
 from megatron.model.moe.experts import Experts
-from megatron.model.moe.router import CapacityFn
+from megatron.model.moe.router import CapacityFn, ThresholdSlotsFn, torch_threshold_slots
 
 # (x_TD, gate_ED) -> fp32 logits_TE
 RouterLogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,12 +52,14 @@ class Backend:
 
     name: str                       # "torch" or "triton"
     router_logits: RouterLogitsFn
+    threshold_slots: ThresholdSlotsFn   # the threshold router's ranked, wanted slots
     capacity: CapacityFn            # decisions and the plan's rows (dispatch.PlanRows)
     experts: ExpertsFn
 
     def __str__(self) -> str:
-        return (f"{self.name} (router logits: {_name(self.router_logits)}, capacity: "
-                f"{_name(self.capacity)}, experts: {_name(self.experts)})")
+        return (f"{self.name} (router logits: {_name(self.router_logits)}, threshold slots: "
+                f"{_name(self.threshold_slots)}, capacity: {_name(self.capacity)}, experts: "
+                f"{_name(self.experts)})")
 
 
 def torch_router_logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,8 @@ def prepare_for_compile() -> None:
     _eager_experts = torch.compiler.disable(torch_experts)
 
 
-TORCH = Backend("torch", torch_router_logits, capacity_with_rows, torch_experts)
+TORCH = Backend("torch", torch_router_logits, torch_threshold_slots, capacity_with_rows,
+                torch_experts)
 TORCH_OFF_CUDA = dataclasses.replace(TORCH, experts=torch_experts_untraced)
 
 
@@ -120,8 +125,8 @@ def resolve_backend(choice: str, device: torch.device,
                               and triton_available()):
         from megatron.model.moe import ops       # resolved eagerly: never inside traced code
 
-        backend = Backend("triton", ops.triton_router_logits, ops.triton_capacity,
-                          ops.triton_experts)
+        backend = Backend("triton", ops.triton_router_logits, ops.triton_threshold_slots,
+                          ops.triton_capacity, ops.triton_experts)
     if expert_group is not None:
         backend = dataclasses.replace(
             backend, experts=functools.partial(expert_parallel_moe, group=expert_group))

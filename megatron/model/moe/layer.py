@@ -18,8 +18,9 @@ from megatron.model.moe.backend import resolve_backend
 from megatron.model.moe.dispatch import DispatchPlan, PlanCore, finish_plan, plan_core
 from megatron.model.moe.expert_parallel import shard_experts
 from megatron.model.moe.experts import Experts
-from megatron.model.moe.router import (CapacityFn, RoutingDecision, gumbel_noise_like,
-                                       make_hash_table, route, route_with_capacity)
+from megatron.model.moe.router import (CapacityFn, RoutingDecision, ThresholdSlotsFn,
+                                       gumbel_noise_like, make_hash_table, route,
+                                       route_with_capacity, torch_threshold_slots)
 from megatron.model.moe.stats import MoEStats, compute_stats, token_experts
 
 
@@ -199,20 +200,23 @@ class MoELayer(nn.Module):
                 noise_TE = gumbel_noise_like(logits_TE)
         return step(logits_TE, token_ids_T, self.hash_table, noise_TE, self.config,
                     self.num_experts, self.training, self.dense_ffn_hidden_size,
-                    self.backend.capacity)
+                    self.backend.capacity, self.backend.threshold_slots)
 
 
 def routing_step(logits_TE: Optional[torch.Tensor], token_ids_T: Optional[torch.Tensor],
                  hash_table_V: Optional[torch.Tensor], noise_TE: Optional[torch.Tensor],
                  config: MoEConfig, num_experts: int, training: bool,
-                 dense_ffn_hidden_size: int, capacity_fn: CapacityFn
+                 dense_ffn_hidden_size: int, capacity_fn: CapacityFn,
+                 threshold_slots: ThresholdSlotsFn = torch_threshold_slots
                  ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
     """Router logits -> decision -> plan (finished if sync-free, else its sync-free core) and
     statistics (layer number 0: the layer sets its own). A pure function of its arguments;
-    `capacity_fn` (the backend's) decides the kept pairs and hands their rows to the plan."""
+    `capacity_fn` (the backend's) decides the kept pairs and hands their rows to the plan,
+    `threshold_slots` (the backend's) ranks a threshold router's experts."""
     decision, rows = route_with_capacity(logits_TE, config, num_experts, capacity_fn,
                                          training=training, token_ids_T=token_ids_T,
-                                         hash_table_V=hash_table_V, noise_TE=noise_TE)
+                                         hash_table_V=hash_table_V, noise_TE=noise_TE,
+                                         threshold_slots=threshold_slots)
     core = plan_core(decision, rows)
     plan = finish_plan(core, sync_free=True) if config.sync_free else core
     stats = compute_stats(decision, 0, config.topk, config.ffn_hidden_size,

@@ -1,6 +1,6 @@
 """The Triton backend's operations (autograd Functions and the capacity strategy) over the raw
-kernels of kernels/: the row kernels (rows.py), the router GEMM (router_gemm.py) and the
-capacity kernels (capacity.py). Which of these run is decided once, in backend.py.
+kernels of kernels/: the row kernels (rows.py), the router GEMM (router_gemm.py), the threshold
+router's ranking (threshold.py) and the capacity kernels (capacity.py). Which of these run is decided once, in backend.py.
 
 Shapes: the letters of megatron/model/__init__.py.
 
@@ -31,6 +31,7 @@ from megatron.model.moe.dispatch import (DispatchPlan, PlanRows, capacity_with_r
 from megatron.model.moe.experts import Experts
 from megatron.model.moe.kernels import capacity as capacity_kernels
 from megatron.model.moe.kernels import router_gemm
+from megatron.model.moe.kernels import threshold as threshold_kernels
 from megatron.model.moe.kernels import rows as row_kernels
 
 
@@ -49,6 +50,14 @@ def triton_router_logits(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> torch.Ten
     if x_TD.dtype == (torch.bfloat16 if x_TD.is_cuda else torch.float32):
         return RouterLogits.apply(x_TD, gate_ED)
     return F.linear(x_TD.float(), gate_ED.float())
+
+
+def triton_threshold_slots(probs_TE: torch.Tensor, threshold: float, num_slots: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Triton backend's threshold slots (a router.ThresholdSlotsFn): one ranking kernel
+    instead of a segmented sort and a scan, the same decisions."""
+    check_device(probs_TE)
+    return threshold_kernels.threshold_slots(probs_TE, threshold, num_slots)
 
 
 def triton_capacity(experts_TK: torch.Tensor, wanted_TK: torch.Tensor, probs_TK: torch.Tensor,

@@ -233,8 +233,24 @@ def threshold_route(logits_TE: torch.Tensor, threshold: float, capacity: Optiona
                    torch_capacity)[0]
 
 
-def _threshold_choice(logits_TE: torch.Tensor, threshold: float,
-                      max_experts: Optional[int]) -> _Choice:
+# (probs_TE, threshold, num_slots) -> (experts_TK, wanted_TK): the threshold router's ranked
+# slots (see _threshold_choice), decided from fp32 probabilities; an MoE backend may compute
+# them its own way (moe/backend.py), with the same decisions.
+ThresholdSlotsFn = Callable[[torch.Tensor, float, int], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def torch_threshold_slots(probs_TE: torch.Tensor, threshold: float, num_slots: int
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A stable descending sort, an fp64 prefix sum and the comparison (see _threshold_choice)."""
+    sorted_TE, order_TE = torch.sort(probs_TE.detach(), dim=-1, descending=True, stable=True)
+    sorted_TK, experts_TK = sorted_TE[:, :num_slots], order_TE[:, :num_slots]
+    before_TK = F.pad(torch.cumsum(sorted_TK.double(), dim=-1)[:, :-1], (1, 0)).float()
+    wanted_TK = before_TK < threshold        # fp32 tensor vs Python float: compared in fp32
+    return experts_TK, wanted_TK
+
+
+def _threshold_choice(logits_TE: torch.Tensor, threshold: float, max_experts: Optional[int],
+                      slots_fn: ThresholdSlotsFn = torch_threshold_slots) -> _Choice:
     """XMoE threshold routing (Yang et al. 2024, sec. 3.2): the fewest experts whose mass >= t.
 
     Experts are ranked by probability (stable: ties go to the lower expert index) and a token
@@ -256,10 +272,7 @@ def _threshold_choice(logits_TE: torch.Tensor, threshold: float,
     num_experts = probs_TE.shape[1]
     num_slots = num_experts if max_experts is None else min(max_experts, num_experts)
 
-    sorted_TE, order_TE = torch.sort(probs_TE.detach(), dim=-1, descending=True, stable=True)
-    sorted_TK, experts_TK = sorted_TE[:, :num_slots], order_TE[:, :num_slots]
-    before_TK = F.pad(torch.cumsum(sorted_TK.double(), dim=-1)[:, :-1], (1, 0)).float()
-    wanted_TK = before_TK < threshold        # fp32 tensor vs Python float: compared in fp32
+    experts_TK, wanted_TK = slots_fn(probs_TE, threshold, num_slots)
     return logits_TE, probs_TE, experts_TK, wanted_TK
 
 
@@ -382,10 +395,12 @@ def route_with_capacity(logits_TE: Optional[torch.Tensor], config: MoEConfig, nu
                         token_ids_T: Optional[torch.Tensor] = None,
                         hash_table_V: Optional[torch.Tensor] = None,
                         generator: Optional[torch.Generator] = None,
-                        noise_TE: Optional[torch.Tensor] = None
+                        noise_TE: Optional[torch.Tensor] = None,
+                        threshold_slots: ThresholdSlotsFn = torch_threshold_slots
                         ) -> Tuple[RoutingDecision, Any]:
-    """route() with capacity applied by `capacity_fn`; returns the decision and the capacity
-    function's extra value (an MoE backend's dispatch rows: see CapacityFn)."""
+    """route() with capacity applied by `capacity_fn` (and the threshold router's slots by
+    `threshold_slots`); returns the decision and the capacity function's extra value (an MoE
+    backend's dispatch rows: see CapacityFn)."""
     if config.router == "hash":
         num_tokens = 0 if token_ids_T is None else token_ids_T.numel()
         capacity = config.capacity(num_tokens, num_experts, training)
@@ -395,7 +410,8 @@ def route_with_capacity(logits_TE: Optional[torch.Tensor], config: MoEConfig, nu
         raise ValueError(f"router logits must be [tokens, {num_experts}], got {shape}")
     capacity = config.capacity(logits_TE.shape[0], num_experts, training)
     if config.router == "threshold":
-        choice = _threshold_choice(logits_TE, config.threshold, config.threshold_max_experts)
+        choice = _threshold_choice(logits_TE, config.threshold, config.threshold_max_experts,
+                                   threshold_slots)
     elif config.router in ("topk", "switch"):
         k = config.topk if config.router == "topk" else 1
         if not (training and k > 1):
