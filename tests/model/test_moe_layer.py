@@ -5,6 +5,7 @@ checks them against the routing rules it recomputes from its own per-token softm
 every combine weight itself, and evaluates each kept expert MLP per token.
 """
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from megatron.config import MoEConfig
 from megatron.model.mlp import MLP
-from megatron.model.mlp_gating import RoutingDecision
+from megatron.model.mlp_gating import RoutingDecision, route
 from megatron.model.moe import MoELayer, MoEOutput, MoEStats, compute_stats
 from megatron.model.moe.dispatch import make_plan
 from megatron.model.moe.experts import grouped_mm_available
@@ -588,3 +589,24 @@ def test_eager_moe_runs_do_not_import_dynamo():
                           text=True, env=child_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_loss_with_coefficient_zero_is_left_out():
+    """aux_loss = aux coeff * balance loss + z coeff * z-loss, and a 0 coefficient drops its
+    term: no NaN from an infinite z-loss that does not count, no gradient through it."""
+    layer = make_layer("threshold").train()
+    x, _ = inputs()
+    decision = layer.decide(x.reshape(-1, x.shape[-1]), None)
+    for aux_c, z_c in ((0.01, 0.0), (0.0, 0.001), (0.01, 0.001), (0.0, 0.0)):
+        layer.config = dataclasses.replace(layer.config, aux_loss_coeff=aux_c, z_loss_coeff=z_c)
+        want = aux_c * decision.aux_loss + z_c * decision.z_loss
+        torch.testing.assert_close(layer.weighted_losses(decision), want, rtol=0, atol=0)
+    layer.config = dataclasses.replace(layer.config, aux_loss_coeff=0.01, z_loss_coeff=0.0)
+    infinite = dataclasses.replace(decision, z_loss=torch.tensor(float("inf")))
+    assert torch.isfinite(layer.weighted_losses(infinite))
+    logits = torch.randn(6, 4, requires_grad=True)
+    d = route(logits, layer.config, 4, training=True)
+    layer.weighted_losses(d).backward()
+    balance_only = torch.autograd.grad(0.01 * route(logits, layer.config, 4,
+                                                    training=True).aux_loss, logits)[0]
+    torch.testing.assert_close(logits.grad, balance_only, rtol=0, atol=0)

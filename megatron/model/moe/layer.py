@@ -177,12 +177,22 @@ class MoELayer(nn.Module):
             plan = finish_plan(plan, sync_free=False)          # the exact plan's host sync
         out_TD = self.backend.experts(x_TD, plan, self.experts, hidden_states.dtype)
 
-        aux_loss = (self.config.aux_loss_coeff * decision.aux_loss.float()
-                    + self.config.z_loss_coeff * decision.z_loss.float())
+        aux_loss = self.weighted_losses(decision)
         stats = dataclasses.replace(
             stats, layer_number=self.layer_number,
             token_experts_TK=token_experts(decision) if record_experts else None)
         return MoEOutput(out_TD.reshape(shape), aux_loss, stats)
+
+    def weighted_losses(self, decision: RoutingDecision) -> torch.Tensor:
+        """aux coefficient * balance loss + z coefficient * z-loss (fp32 scalar). A term whose
+        coefficient is 0 (the z-loss by default) is left out, not multiplied by 0: no backward
+        pass through it, and no 0 * inf = NaN from a loss that does not count."""
+        total = torch.zeros((), dtype=torch.float32, device=decision.aux_loss.device)
+        for coeff, loss in ((self.config.aux_loss_coeff, decision.aux_loss),
+                            (self.config.z_loss_coeff, decision.z_loss)):
+            if coeff:
+                total = total + coeff * loss.float()
+        return total
 
     def route_and_plan(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]
                        ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
