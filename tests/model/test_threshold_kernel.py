@@ -50,13 +50,15 @@ def test_xmoe_shape_matches_torch(th):
 
 
 def test_ties_go_to_the_lower_expert(th):
-    """Equal probabilities (uniform rows, repeated values, zeros, -0.0) rank as torch's stable
-    sort ranks them, and a row whose prefix sums cross the threshold on a tie still matches."""
+    """Equal probabilities (uniform rows, repeated values, zeros, -0.0, a NaN row) rank as
+    torch's stable sort ranks them, and a row whose prefix sums cross the threshold on a tie
+    still matches."""
     E = 8
     rows = [torch.full((E,), 1.0 / E),
             torch.tensor([0.1, 0.3, 0.1, 0.3, 0.1, 0.05, 0.05, 0.0]),
             torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
-            torch.tensor([0.25, 0.25, 0.25, 0.25, -0.0, 0.0, -0.0, 0.0])]
+            torch.tensor([0.25, 0.25, 0.25, 0.25, -0.0, 0.0, -0.0, 0.0]),
+            torch.softmax(torch.full((E,), float("nan")), dim=-1)]      # slot 0 wanted still
     probs = torch.stack(rows)
     for threshold in (0.25, 0.5, 0.75, 1.0):
         for num_slots in (E, 2):

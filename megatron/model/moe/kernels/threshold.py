@@ -42,6 +42,7 @@ def threshold_slots_kernel(probs_ptr, experts_ptr, wanted_ptr, T, threshold, E: 
     sorted_p = tl.where(key >= 0, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
     wide = sorted_p.to(tl.float64)
     before = (tl.cumsum(wide, axis=1) - wide).to(tl.float32)          # exclusive prefix sums
+    before = tl.where((e == 0)[None, :], 0.0, before)   # slot 0 always wanted (NaN rows too)
     wanted = before < threshold
     slot = (t < T)[:, None] & (e < K)[None, :]
     at = tl.cast(t, tl.int64)[:, None] * K + e[None, :]
