@@ -237,6 +237,8 @@ def test_pair_ties():
     assert d.experts_TK.tolist() == [[1, 3, 2, 0], [0, 1, 2, 3], [2, 3, 0, 1]]
     d = check_topk(logits, 2, None)
     assert d.experts_TK.tolist() == [[1, 3], [0, 1], [2, 3]]
+    d = check_topk(logits, 2, None, noise=torch.zeros(3, 4))   # training: tied first choices
+    assert d.experts_TK[:, 0].tolist() == [1, 0, 2]
     check_threshold(logits, 0.9, 1)
 
 

@@ -299,14 +299,16 @@ def _topk_choice(logits_TE: torch.Tensor, k: int, noise_TE: Optional[torch.Tenso
     if not 1 <= k <= num_experts:
         raise ValueError(f"--topk must be in [1, num_experts={num_experts}], got {k}")
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    order_TE = torch.sort(probs_TE.detach(), dim=-1, descending=True, stable=True).indices
     if noise_TE is None or k == 1:
-        experts_TK = order_TE[:, :k]
+        experts_TK = torch.sort(probs_TE.detach(), dim=-1, descending=True,
+                                stable=True).indices[:, :k]
     else:
         if noise_TE.shape != logits_TE.shape:
             raise ValueError(f"noise shape {tuple(noise_TE.shape)} != logits shape "
                              f"{tuple(logits_TE.shape)}")
-        first_T1 = order_TE[:, :1]
+        # the first of a stable descending sort, without sorting: argmax returns the first
+        # maximal index
+        first_T1 = probs_TE.detach().argmax(dim=-1, keepdim=True)
         noised_TE = logits_TE.detach() + noise_TE.to(torch.float32)
         noised_order_TE = torch.sort(noised_TE, dim=-1, descending=True, stable=True).indices
         # Drop the first choice from the noised ranking: slots at or after its position shift
