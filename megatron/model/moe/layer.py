@@ -187,12 +187,12 @@ class MoELayer(nn.Module):
         """aux coefficient * balance loss + z coefficient * z-loss (fp32 scalar). A term whose
         coefficient is 0 (the z-loss by default) is left out, not multiplied by 0: no backward
         pass through it, and no 0 * inf = NaN from a loss that does not count."""
-        total = torch.zeros((), dtype=torch.float32, device=decision.aux_loss.device)
-        for coeff, loss in ((self.config.aux_loss_coeff, decision.aux_loss),
-                            (self.config.z_loss_coeff, decision.z_loss)):
-            if coeff:
-                total = total + coeff * loss.float()
-        return total
+        terms = [coeff * loss.float() for coeff, loss in
+                 ((self.config.aux_loss_coeff, decision.aux_loss),
+                  (self.config.z_loss_coeff, decision.z_loss)) if coeff]
+        if not terms:
+            return torch.zeros((), dtype=torch.float32, device=decision.aux_loss.device)
+        return sum(terms[1:], terms[0])
 
     def route_and_plan(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]
                        ) -> Tuple[RoutingDecision, Union[DispatchPlan, PlanCore], MoEStats]:
