@@ -79,6 +79,9 @@ class StepProfile:
     categories: Optional[Dict[str, float]]       # CATEGORIES -> ms (None when compiled)
     all_to_all_ms: float
     unlinked_ms: float = 0.0                     # GPU kernels linked to no CPU op (in kernel_ms)
+    # GPU events (kernels, copies, sets) per step: each is followed by a short idle gap on the
+    # GPU, so a step of many small kernels idles more between them (0 on CPU)
+    kernels_per_step: float = 0.0
 
     @property
     def moe_ms(self) -> Optional[float]:
@@ -112,7 +115,8 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device,
         steps=steps, kernel_ms=per_step(total + unlinked), unlinked_ms=per_step(unlinked),
         phases={p: per_step(phase_us[p]) for p in PHASES},
         categories=None if modules is None else {c: per_step(categories[c]) for c in CATEGORIES},
-        all_to_all_ms=per_step(all_to_all_us(events, cuda)))
+        all_to_all_ms=per_step(all_to_all_us(events, cuda)),
+        kernels_per_step=len(device_events(events)) / steps if cuda else 0.0)
 
 
 def record(step: Callable[[], object], steps: int, device: torch.device,
@@ -322,11 +326,15 @@ def _narrowest(seq: int, spans: List[Tuple[int, int, str]]) -> str:
     return UNATTRIBUTED
 
 
+def device_events(events) -> list:
+    """Every GPU event (kernels, memcpy, memset), linked to an op or not; not the GPU-side
+    copies of record_function ranges (user annotations), which span kernels."""
+    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
 def device_kernel_us(events) -> float:
-    """Summed duration of every GPU event (kernels, memcpy, memset), linked to an op or not;
-    not the GPU-side copies of record_function ranges (user annotations), which span kernels."""
-    return sum(e.time_range.elapsed_us() for e in events
-               if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    """Summed duration of device_events."""
+    return sum(e.time_range.elapsed_us() for e in device_events(events))
 
 
 def all_to_all_us(events, cuda: bool) -> float:

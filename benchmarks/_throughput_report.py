@@ -100,6 +100,9 @@ def breakdown_lines(results: Dict[str, Result], compiled: bool) -> List[str]:
     lines += [row(f"{of} total", [r.kernel_ms for r in columns]),
               row("step wall time", [r.ms_per_step for r in columns]),
               row("host gap (wall - kernel)", [r.ms_per_step - r.kernel_ms for r in columns])]
+    if columns[0].on_gpu:
+        lines.append(f"{'GPU kernels per step':<{width}}|"
+                     + "|".join(f"{r.profile.kernels_per_step:>9.0f} " for r in columns))
     return lines
 
 

@@ -359,3 +359,27 @@ def test_megatron_step_ops_land_in_their_module_and_phase(one_rank, tmp_path):
     checked = check_backward_owners(prof.events(), calls)
     assert all(checked[c] > 0 for c in (sp.EMBEDDING, sp.ATTENTION, sp.DENSE_FFN, sp.MOE,
                                         sp.OTHER, sp.OUTPUT)), checked
+
+
+def test_gpu_breakdown_counts_device_events_per_step_without_annotations():
+    """The GPU-only rows of --breakdown: device_events keeps kernels, copies and sets and drops
+    record_function ranges' GPU copies; the table prints their count per step per config."""
+    from torch.autograd import DeviceType
+    import _throughput_report as report
+
+    Event = collections.namedtuple("Event", "device_type is_user_annotation")
+    events = ([Event(DeviceType.CUDA, False)] * 7 + [Event(DeviceType.CUDA, True)] * 3
+              + [Event(DeviceType.CPU, False)] * 5)
+    assert len(sp.device_events(events)) == 7
+
+    def result(name: str, kernels: float) -> report.Result:
+        phases = {p: 1.0 for p in sp.PHASES}
+        profile = sp.StepProfile(steps=2, kernel_ms=6.0, phases=phases, categories=None,
+                                 all_to_all_ms=0.0, kernels_per_step=kernels)
+        return report.Result(name, 7.0, 1.0, 0.0, 0.0, 0.0, None, None, None, profile, 0.0, 1,
+                             [], on_gpu=True)
+
+    lines = report.breakdown_lines({"a": result("a", 1234.0), "b": result("b", 567.5)},
+                                   compiled=True)
+    row = next(line for line in lines if line.startswith("GPU kernels per step"))
+    assert re.findall(r"\d+", row.split("|", 1)[1]) == ["1234", "568"]
