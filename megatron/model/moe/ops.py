@@ -1,6 +1,7 @@
 """The Triton backend's operations (autograd Functions and the capacity strategy) over the raw
 kernels of kernels/: the row kernels (rows.py), the router GEMM (router_gemm.py), the threshold
-router's ranking (threshold.py) and the capacity kernels (capacity.py). Which of these run is decided once, in backend.py.
+router's ranking (threshold.py) and the capacity kernels (capacity.py). Which of these run is
+decided once, in backend.py.
 
 Shapes: the letters of megatron/model/__init__.py.
 
