@@ -260,6 +260,9 @@ def test_dry_run_writes_only_the_json(paths):
     ({"PRECISION": "fp8"}, "PRECISION must be bf16, fp16 or fp32"),
     ({"NUM_NODES": "2"}, "needs HOSTFILE"),
     ({"COMPILE": "yes"}, "COMPILE must be routing, routing-graphs, model or none"),
+    ({"DISPATCH": "fast"}, "DISPATCH must be sync-free or exact"),
+    ({"DISPATCH": "exact", "COMPILE": "model"},
+     "DISPATCH=exact cannot be combined with COMPILE=model"),
 ])
 def test_bad_settings_stop_before_launching(paths, env, message):
     r = dry_run(SCRIPTS[0], paths, **env)
@@ -292,6 +295,29 @@ def test_compile_setting(paths, compile_env, flags):
                                                             ["--moe-routing-cuda-graphs"]))
     assert run.model.moe.routing_cuda_graphs == (flags == ["--moe-routing-cuda-graphs"])
     assert (run.training.compile is not None) == (flags == ["--compile"])
+
+
+@pytest.mark.parametrize("script, env, sync_free", [
+    (SCRIPTS[0], {}, True), (SCRIPTS[1], {}, True), (SCRIPTS[0], {"DISPATCH": "exact"}, False),
+    (SCRIPTS[0], {"EP_PARALLEL_SIZE": "4", "NUM_GPUS": "4"}, False),
+    (SCRIPTS[0], {"DISPATCH": "exact", "COMPILE": "routing-graphs"}, False),
+    (SCRIPTS[2], {}, False)])
+def test_dispatch_setting(paths, script, env, sync_free):
+    """DISPATCH: sync-free by default for MoE scripts on one expert-parallel rank, exact with
+    EP_PARALLEL_SIZE > 1 (the exchange needs host sizes) or when asked; the dense script has no
+    MoE layer to dispatch into."""
+    r = dry_run(script, paths, **env)
+    assert r.returncode == 0, r.stderr
+    gpt_argv = split_command(r.stdout)[1]
+    assert ("--moe-sync-free-dispatch" in gpt_argv) == sync_free
+    assert build(gpt_argv, world_size=4).model.moe.sync_free == sync_free
+
+
+def test_sync_free_dispatch_with_expert_parallelism_stops_with_one_line(paths):
+    r = dry_run(SCRIPTS[0], paths, DISPATCH="sync-free", EP_PARALLEL_SIZE="4", NUM_GPUS="4")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--moe-sync-free-dispatch cannot be combined with --moe-expert-parallel-size 4" in \
+        r.stderr.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------------------------

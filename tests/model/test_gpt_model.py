@@ -317,7 +317,16 @@ def run_train_step(model: GPTModel, ids, labels, seed: int = 123):
     return out, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
 
 
-@pytest.mark.parametrize("make_config", [tiny_config, moe_config], ids=["dense", "moe"])
+def sync_free_threshold_config(**overrides) -> GPTConfig:
+    """moe_config with the threshold router (capacity-limited) and the sync-free dispatch: the
+    launch scripts' default dispatch, which ACTIVATION_CHECKPOINT=true recomputes."""
+    moe = MoEConfig(router="threshold", threshold=0.6, ffn_hidden_size=8, train_capacity_factor=1.0,
+                    min_capacity=1, aux_loss_coeff=0.01, sync_free=True)
+    return moe_config(moe=moe, **overrides)
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, moe_config, sync_free_threshold_config],
+                         ids=["dense", "moe", "sync_free_threshold"])
 def test_checkpoint_activations_matches_plain(make_config):
     config = make_config(hidden_dropout=0.1, attention_dropout=0.1)
     torch.manual_seed(0)

@@ -374,7 +374,8 @@ def test_launch_script_dry_run_checks_every_configuration(tiny_data, tmp_path):
     assert len(commands) == 2 and "2 configuration(s) checked for 2 process(es)" in r.stderr
     for c in commands:
         assert c.startswith("deepspeed --num_gpus 2 --master_port 29500 ")
-        assert c.endswith("--bf16 --moe-compile-routing --hidden-dropout 0.0")
+        assert c.endswith("--bf16 --moe-compile-routing --moe-sync-free-dispatch "
+                          "--hidden-dropout 0.0")
         assert "--train-iters 20 " in c and "--lr 0.00045 " in c and "--split 90,8,2 " in c
     assert "--num-experts 1 " in commands[0] and "--disable-moe-token-dropping" in commands[1]
     assert not (tmp_path / "out").exists()
@@ -383,6 +384,18 @@ def test_launch_script_dry_run_checks_every_configuration(tiny_data, tmp_path):
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "router_study.py: error: --threshold: 0.0 is outside (0, 1]"]
+    exact = subprocess.run(["bash", str(REPO / "examples_deepspeed" / "MoE" / "ds_study_small.sh")],
+                           env=dict(env, DISPATCH="exact"), capture_output=True, text=True,
+                           timeout=120)
+    assert exact.returncode == 0, exact.stderr
+    assert all(c.endswith("--bf16 --moe-compile-routing --hidden-dropout 0.0")
+               for c in exact.stdout.strip().splitlines())
+    for setting, message in ((dict(DISPATCH="exact", COMPILE="model"),
+                              "DISPATCH=exact cannot be combined with COMPILE=model"),
+                             (dict(DISPATCH="fast"), "DISPATCH must be sync-free or exact")):
+        r = subprocess.run(["bash", str(REPO / "examples_deepspeed" / "MoE" / "ds_study_small.sh")],
+                           env=dict(env, **setting), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
