@@ -105,7 +105,8 @@ def test_script_syntax(script):
 
 
 def test_common_file_syntax_and_template_placeholders():
-    assert subprocess.run(["bash", "-n", str(MOE_DIR / "gpt_launch_common.sh")]).returncode == 0
+    for sourced in ("gpt_launch_common.sh", "speed_options.sh"):
+        assert subprocess.run(["bash", "-n", str(MOE_DIR / sourced)]).returncode == 0, sourced
     template = (MOE_DIR / "ds_config_gpt_TEMPLATE.json").read_text()
     for key in ("optimizer", "scheduler", "curriculum_learning"):
         assert f'"{key}"' not in template

@@ -76,12 +76,9 @@ NUM_WORKERS=${NUM_WORKERS:-2}
 
 ### Precision and speed (pretrain_gpt.py flags of every run) ####################################
 PRECISION=${PRECISION:-bf16}                 # bf16 | fp32
-# COMPILE: routing (each MoE layer's routing compiled), routing-graphs (replayed as CUDA
-# graphs), model (the whole model: fastest on one H200) or none; see the README's speed flags.
+# COMPILE (routing | routing-graphs | model | none) and DISPATCH (sync-free | exact): see
+# speed_options.sh and the README's speed flags.
 COMPILE=${COMPILE:-routing}
-# DISPATCH: sync-free (tokens go to a buffer sized by the capacity bound: no host sync per MoE
-# layer, ~1.2x the eager tokens/s on one H200, ~2 GiB more peak memory) or exact; see the
-# README's speed flags. COMPILE=model is always sync-free.
 DISPATCH=${DISPATCH:-sync-free}
 EXTRA_ARGS=${EXTRA_ARGS:-}                   # more pretrain_gpt.py flags, space-separated
 
@@ -90,23 +87,9 @@ case "${PRECISION}" in
     fp32) extra=() ;;
     *) echo "PRECISION must be bf16 or fp32, got '${PRECISION}'" >&2; exit 2 ;;
 esac
-case "${COMPILE}" in
-    none) ;;
-    routing) extra+=(--moe-compile-routing) ;;
-    routing-graphs) extra+=(--moe-routing-cuda-graphs) ;;
-    model) extra+=(--compile) ;;
-    *) echo "COMPILE must be routing, routing-graphs, model or none, got '${COMPILE}'" >&2
-       exit 2 ;;
-esac
-case "${DISPATCH}" in
-    sync-free) extra+=(--moe-sync-free-dispatch) ;;
-    exact) if [[ "${COMPILE}" == model ]]; then
-               echo "DISPATCH=exact cannot be combined with COMPILE=model (the compiled model" \
-                    "needs the sync-free dispatch)" >&2
-               exit 2
-           fi ;;
-    *) echo "DISPATCH must be sync-free or exact, got '${DISPATCH}'" >&2; exit 2 ;;
-esac
+SPEED_MOE=true
+source "${SCRIPT_DIR}/speed_options.sh"       # COMPILE, DISPATCH -> speed_options
+extra+=("${speed_options[@]}")
 # shellcheck disable=SC2206  # EXTRA_ARGS is split into words on purpose
 extra+=(${EXTRA_ARGS})
 

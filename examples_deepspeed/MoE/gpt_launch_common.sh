@@ -30,38 +30,9 @@ case "${PRECISION}" in
     fp32) FP16_ENABLED=false; BF16_ENABLED=false; precision_options=() ;;
     *) echo "PRECISION must be bf16, fp16 or fp32, got '${PRECISION}'" >&2; exit 2 ;;
 esac
-# COMPILE: routing (default: each MoE layer's routing and dispatch plan torch.compile'd),
-# routing-graphs (the same, replayed as CUDA graphs: fewer host launches; not with
-# ACTIVATION_CHECKPOINT=true), model (the whole model compiled, sync-free dispatch: fastest on
-# one H200, not with expert parallelism) or none.
-COMPILE=${COMPILE:-routing}
-case "${COMPILE}" in
-    none) compile_options=() ;;
-    routing) compile_options=(--moe-compile-routing) ;;
-    routing-graphs) compile_options=(--moe-routing-cuda-graphs) ;;
-    model) compile_options=(--compile) ;;
-    *) echo "COMPILE must be routing, routing-graphs, model or none, got '${COMPILE}'" >&2
-       exit 2 ;;
-esac
-# DISPATCH (MoE layers): sync-free (default with EP_PARALLEL_SIZE 1: tokens go to a buffer sized
-# by the capacity bound, so no host sync per MoE layer; ~2 GiB more peak memory for XMoE-small
-# at micro-batch 16, and ~1.2x the eager tokens/s on one H200) or exact (buffers sized by the
-# kept rows, read on the host each layer; the only one expert parallelism can use, so the
-# default when EP_PARALLEL_SIZE > 1). COMPILE=model is always sync-free.
-DISPATCH_DEFAULT=sync-free
-if [[ "${EP_PARALLEL_SIZE:-1}" -gt 1 ]]; then DISPATCH_DEFAULT=exact; fi
-DISPATCH=${DISPATCH:-${DISPATCH_DEFAULT}}
-case "${DISPATCH}" in
-    sync-free) if [[ ${#MOE_OPTIONS[@]} -gt 0 ]]; then
-                   compile_options+=(--moe-sync-free-dispatch)
-               fi ;;
-    exact) if [[ "${COMPILE}" == model ]]; then
-               echo "DISPATCH=exact cannot be combined with COMPILE=model (the compiled model" \
-                    "needs the sync-free dispatch)" >&2
-               exit 2
-           fi ;;
-    *) echo "DISPATCH must be sync-free or exact, got '${DISPATCH}'" >&2; exit 2 ;;
-esac
+SPEED_MOE=false
+if [[ ${#MOE_OPTIONS[@]} -gt 0 ]]; then SPEED_MOE=true; fi
+source "${SCRIPT_DIR}/speed_options.sh"       # COMPILE, DISPATCH -> speed_options
 if [[ "${LAUNCHER}" == deepspeed && "${NUM_NODES}" -gt 1 && -z "${HOSTFILE}" ]]; then
     echo "NUM_NODES=${NUM_NODES} with the deepspeed launcher needs HOSTFILE" \
          "(see hostfile.example), or use LAUNCHER=torchrun on every node" >&2
@@ -155,7 +126,7 @@ gpt_options=(
     --deepspeed_config "${CONFIG_JSON}"
     --zero-stage "${ZERO_STAGE}"
 )
-gpt_options+=("${compile_options[@]}")
+gpt_options+=("${speed_options[@]}")
 if [[ "${ACTIVATION_CHECKPOINT}" == true ]]; then
     gpt_options+=(--checkpoint-activations)
 fi
