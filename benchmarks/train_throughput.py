@@ -5,6 +5,8 @@ minimal plain-PyTorch GPT-125M.
     python benchmarks/train_throughput.py --compile        # torch.compile'd
     python benchmarks/train_throughput.py --breakdown      # + where each step's GPU time goes
     python benchmarks/train_throughput.py --configs xmoe,dense --profile   # + top kernels
+    python benchmarks/train_throughput.py --configs xmoe,dense \
+        --megatron-args='--moe-compile-routing --moe-sync-free-dispatch'  # the scripts' eager
     python benchmarks/train_throughput.py --small --device cpu --iters 1   # smoke run
     deepspeed --num_gpus 8 benchmarks/train_throughput.py --configs xmoe \
         --megatron-args='--moe-expert-parallel-size 8'      # weak scaling: micro-batch per GPU
