@@ -367,8 +367,14 @@ def test_launch_script_dry_run_checks_every_configuration(tiny_data, tmp_path):
                MICRO_BATCH_SIZE="4", TRAIN_TOKENS="5000", NUM_GPUS="2", CONFIGS="dense d2s",
                EXTRA_ARGS="--hidden-dropout 0.0", SPLIT="90,8,2",
                OUTPUT_DIR=str(tmp_path / "out"))
-    r = subprocess.run(["bash", str(REPO / "examples_deepspeed" / "MoE" / "ds_study_small.sh")],
-                       env=env, capture_output=True, text=True, timeout=120)
+
+    script = REPO / "examples_deepspeed" / "MoE" / "ds_study_small.sh"
+
+    def study(**settings: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script)], env=dict(env, **settings),
+                              capture_output=True, text=True, timeout=120)
+
+    r = study()
     assert r.returncode == 0, r.stderr
     commands = r.stdout.strip().splitlines()
     assert len(commands) == 2 and "2 configuration(s) checked for 2 process(es)" in r.stderr
@@ -379,22 +385,18 @@ def test_launch_script_dry_run_checks_every_configuration(tiny_data, tmp_path):
         assert "--train-iters 20 " in c and "--lr 0.00045 " in c and "--split 90,8,2 " in c
     assert "--num-experts 1 " in commands[0] and "--disable-moe-token-dropping" in commands[1]
     assert not (tmp_path / "out").exists()
-    bad = subprocess.run(["bash", str(REPO / "examples_deepspeed" / "MoE" / "ds_study_small.sh")],
-                         env=dict(env, THRESHOLD="0"), capture_output=True, text=True,
-                         timeout=120)
+    bad = study(THRESHOLD="0")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "router_study.py: error: --threshold: 0.0 is outside (0, 1]"]
-    exact = subprocess.run(["bash", str(REPO / "examples_deepspeed" / "MoE" / "ds_study_small.sh")],
-                           env=dict(env, DISPATCH="exact"), capture_output=True, text=True,
-                           timeout=120)
+    exact = study(DISPATCH="exact")
     assert exact.returncode == 0, exact.stderr
-    assert all(c.endswith("--bf16 --moe-compile-routing --hidden-dropout 0.0")
-               for c in exact.stdout.strip().splitlines())
+    exact_commands = exact.stdout.strip().splitlines()
+    assert len(exact_commands) == 2 and all(
+        c.endswith("--bf16 --moe-compile-routing --hidden-dropout 0.0") for c in exact_commands)
     for setting, message in ((dict(DISPATCH="exact", COMPILE="model"),
                               "DISPATCH=exact cannot be combined with COMPILE=model"),
                              (dict(DISPATCH="fast"), "DISPATCH must be sync-free or exact")):
-        r = subprocess.run(["bash", str(REPO / "examples_deepspeed" / "MoE" / "ds_study_small.sh")],
-                           env=dict(env, **setting), capture_output=True, text=True, timeout=120)
+        r = study(**setting)
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
 
 
